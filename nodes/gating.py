@@ -1,0 +1,154 @@
+"""Build the KL-gated clone of a MODEL: the work behind PLoRAModelPatcher.
+
+Layers both LoRAs touch get a GatedForward object-patched over their bound `forward`
+(so the host's own forward, with casting, offloading and other LoRAs' patches, still
+runs inside). Layers only one LoRA touches get that LoRA through ComfyUI's own
+`add_patches`, exactly as a direct merge would.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..plora_core.deltas import DensePart, LayerDelta, LayerGeometry, LowRankPart, normalise_factors
+from ..plora_core.gated_layer import GatedForward
+from ..plora_core.lora_file import LoraFile
+from ..plora_core.recorder import GateState
+from . import host
+from .lora_mapping import MappedLora, ModulePatches, map_lora_onto_model
+
+logger = logging.getLogger("plora")
+
+
+@dataclass
+class LoraChoice:
+    """One LoRA of the pair as the user chose it."""
+
+    file: LoraFile
+    strength: float
+
+    @property
+    def name(self) -> str:
+        return self.file.name
+
+
+@dataclass
+class SubjectStyleLoras:
+    """The PLORA_PAIR value passed from LoadSubjectStyleLoRA to PLoRAModelPatcher."""
+
+    subject: LoraChoice
+    style: LoraChoice
+
+
+def layer_delta(model_patcher, patches: ModulePatches, choice: LoraChoice, geometry: LayerGeometry,
+                module: torch.nn.Module) -> LayerDelta:
+    """One LoRA's delta on one layer: factored where it can be, dense (via the host) otherwise."""
+    delta = LayerDelta(geometry)
+    layer = f"{patches.path} (LoRA {choice.name})"
+    for patch, offset, function in patches.weight:
+        factors = host.lora_factors(patch) if function is None else None
+        if factors is not None and (offset is None or offset[0] == 0):
+            up, down, alpha, mid = factors
+            rows = None if offset is None else (int(offset[1]), int(offset[2]))
+            up, down, mid = normalise_factors(geometry, up, down, mid, None if rows is None else rows[1], layer)
+            scale = choice.strength * (alpha / down.shape[0] if alpha is not None else 1.0)
+            delta.low_rank.append(LowRankPart(up.float(), down.float(), scale, None if mid is None else mid.float(), rows))
+        else:
+            dense = host.dense_delta(patch, choice.strength, module.weight, f"{patches.path}.weight", offset, function)
+            delta.dense.append(DensePart(dense))
+    for patch, offset, function in patches.bias:
+        if module.bias is None:
+            raise ValueError(f"Layer {layer}: the LoRA changes a bias this layer does not have.")
+        bias = host.dense_delta(patch, choice.strength, module.bias, f"{patches.path}.bias", offset, function)
+        delta.bias = bias if delta.bias is None else delta.bias + bias
+    return delta
+
+
+def check_merged_shapes(model_patcher, mapped: MappedLora) -> None:
+    """Factored patches that go through add_patches must fit their layer (the host only logs)."""
+    for patches in mapped.modules.values():
+        module = host.get_module(model_patcher, patches.path)
+        for patch, offset, _ in patches.weight:
+            factors = host.lora_factors(patch)
+            if factors is None or getattr(module, "weight", None) is None:
+                continue
+            up, down, _, mid = factors
+            rows = module.weight.shape[0] if offset is None else int(offset[2])
+            fits = up.shape[0] == rows and (mid is not None or down[0].numel() == module.weight[0].numel())
+            if not fits:
+                raise ValueError(
+                    f"Layer {patches.path} (LoRA {mapped.name}): LoRA factors up {tuple(up.shape)}, down "
+                    f"{tuple(down.shape)} do not fit the layer's weight {tuple(module.weight.shape)}. The LoRA "
+                    "was probably trained for another base model; pick one made for this checkpoint."
+                )
+
+
+def _merge_patches(model_patcher, mapped: MappedLora, strength: float, skip_modules: set[str]) -> None:
+    chosen = {}
+    for target, patch in mapped.raw_patches.items():
+        key = target if isinstance(target, str) else target[0]
+        if key.rpartition(".")[0] not in skip_modules:
+            chosen[target] = patch
+    model_patcher.add_patches(chosen, strength)
+
+
+def _install_step_tracker(model_patcher, state: GateState) -> None:
+    """A model-call wrapper that tells the gate the current sigma (chains any existing one)."""
+    previous = model_patcher.model_options.get("model_function_wrapper")
+
+    def plora_step_tracker(apply_model, args):
+        options = args["c"].get("transformer_options", {})
+        state.begin_model_call(float(args["timestep"].max()), options.get("sample_sigmas"), args.get("cond_or_uncond"))
+        if previous is not None:
+            return previous(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model_patcher.set_model_unet_function_wrapper(plora_step_tracker)
+
+
+def build_gated_model(model, pair: SubjectStyleLoras, criterion: str = "kl", style_bias: float = 1.0,
+                      start_percent: float = 0.0, end_percent: float = 1.0):
+    """A clone of `model` whose shared layers run the gate of Eq. 9-13; `model` is not touched."""
+    active = [c for c in (pair.subject, pair.style) if c.strength != 0]
+    if not active:
+        return model
+    mapped = {id(c): map_lora_onto_model(model, c.file) for c in active}
+    for choice in active:
+        check_merged_shapes(model, mapped[id(choice)])
+    shared: set[str] = set()
+    if len(active) == 2:
+        shared = set(mapped[id(pair.subject)].modules) & set(mapped[id(pair.style)].modules)
+
+    sampling = model.get_model_object("model_sampling")
+    state = GateState(sigma_high=float(sampling.percent_to_sigma(start_percent)),
+                      sigma_low=float(sampling.percent_to_sigma(end_percent)))
+    gates = {}
+    for path in sorted(shared):
+        module = host.get_module(model, path)
+        geometry = LayerGeometry.of_module(module)
+        subject = layer_delta(model, mapped[id(pair.subject)].modules[path], pair.subject, geometry, module)
+        style = layer_delta(model, mapped[id(pair.style)].modules[path], pair.style, geometry, module)
+        original = model.get_model_object(f"{path}.forward")
+        gates[path] = GatedForward(path, original, subject, style, state, criterion, style_bias)
+
+    patched = model.clone()
+    for choice in active:
+        _merge_patches(patched, mapped[id(choice)], choice.strength, shared)
+    for path, gated in gates.items():
+        patched.add_object_patch(f"{path}.forward", gated)
+    if gates:
+        _install_step_tracker(patched, state)
+    logger.info("P-LoRA: %d layers gated (%s), %d merged directly", len(gates), criterion,
+                sum(len(mapped[id(c)].modules) for c in active) - 2 * len(gates))
+    return patched
+
+
+def gate_state_of(model_patcher) -> GateState | None:
+    """The GateState of a gated MODEL (for the recorder), or None if it has no P-LoRA gate."""
+    for value in model_patcher.object_patches.values():
+        if isinstance(value, GatedForward):
+            return value.state
+    return None

@@ -1,0 +1,172 @@
+"""A LoRA's contribution to one layer, applied to the layer's input: dW(x).
+
+The gate needs F_hat = F + s * dW(x) (Eq. 9-10) for two LoRAs at once, so a
+low-rank delta is applied as up(down(x)) without ever materialising W0 + dW.
+Adapters with no factored form (LoHa, LoKr, DoRA, full diffs) arrive as a dense
+dW that the host computed once, and are applied as one dense matmul/conv.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """What the delta must match: the target layer's kind and shape."""
+
+    kind: str  # "linear" or "conv"
+    out_channels: int
+    in_channels: int
+    kernel_size: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+
+    @property
+    def channel_dim(self) -> int:
+        """Where the channels of this layer's output live: last dim or dim 1."""
+        return -1 if self.kind == "linear" else 1
+
+    @classmethod
+    def of_module(cls, module: torch.nn.Module) -> "LayerGeometry":
+        """Read the geometry off a torch Linear or ConvNd (ComfyUI's ops subclass them)."""
+        if isinstance(module, torch.nn.Linear):
+            return cls("linear", module.out_features, module.in_features)
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            return cls(
+                "conv", module.out_channels, module.in_channels, tuple(module.kernel_size),
+                tuple(module.stride), module.padding if isinstance(module.padding, str) else tuple(module.padding),
+                tuple(module.dilation), module.groups,
+            )
+        raise TypeError(f"P-LoRA can gate Linear and Conv layers, not {type(module).__name__}.")
+
+    def conv_fn(self):
+        return (F.conv1d, F.conv2d, F.conv3d)[len(self.kernel_size) - 1]
+
+
+@dataclass
+class LowRankPart:
+    """up @ down (with an optional LoCon/Tucker mid), scaled; rows [start, start+length)."""
+
+    up: torch.Tensor  # [out, r] or [out, r, 1, 1]
+    down: torch.Tensor  # [r, in] or [r, in, kh, kw]
+    scale: float  # alpha / rank * strength
+    mid: torch.Tensor | None = None  # [r, r, kh, kw]
+    rows: tuple[int, int] | None = None  # (start, length) inside a fused layer (Flux qkv)
+
+
+@dataclass
+class DensePart:
+    """A dense dW (already scaled) for adapters without a factored form."""
+
+    weight: torch.Tensor  # same shape as the layer's weight
+
+
+@dataclass
+class LayerDelta:
+    """Everything one LoRA adds to one layer: low-rank parts, dense parts, a bias diff."""
+
+    geometry: LayerGeometry
+    low_rank: list[LowRankPart] = field(default_factory=list)
+    dense: list[DensePart] = field(default_factory=list)
+    bias: torch.Tensor | None = None  # already scaled
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def is_empty(self) -> bool:
+        return not (self.low_rank or self.dense or self.bias is not None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """dW(x) for this layer's input x (the same x the layer received)."""
+        low_rank, dense, bias = self._on(x.device, x.dtype)
+        g = self.geometry
+        out = None
+        if dense or bias is not None:
+            out = self._apply_dense(x, dense, bias)
+        for part in low_rank:
+            piece = self._apply_low_rank(x, part)
+            if part.rows is None:
+                out = piece if out is None else out + piece
+            else:
+                if out is None:
+                    shape = list(piece.shape)
+                    shape[g.channel_dim] = g.out_channels
+                    out = piece.new_zeros(shape)
+                start, length = part.rows
+                out.narrow(g.channel_dim, start, length).add_(piece)
+        return out
+
+    def _apply_low_rank(self, x: torch.Tensor, part: LowRankPart) -> torch.Tensor:
+        g = self.geometry
+        if g.kind == "linear":
+            return F.linear(F.linear(x, part.down), part.up) * part.scale
+        conv = g.conv_fn()
+        if part.mid is None:
+            hidden = conv(x, part.down, None, g.stride, g.padding, g.dilation)
+        else:
+            hidden = conv(conv(x, part.down), part.mid, None, g.stride, g.padding, g.dilation)
+        return conv(hidden, part.up) * part.scale
+
+    def _apply_dense(self, x: torch.Tensor, dense: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+        g = self.geometry
+        weight = dense[0] if len(dense) == 1 else (torch.stack(dense).sum(0) if dense else None)
+        if weight is None:
+            shape = [g.out_channels, g.in_channels // g.groups, *g.kernel_size]
+            weight = x.new_zeros(shape if g.kind == "conv" else shape[:2])
+        if g.kind == "linear":
+            return F.linear(x, weight, bias)
+        return g.conv_fn()(x, weight, bias, g.stride, g.padding, g.dilation, g.groups)
+
+    def _on(self, device: torch.device, dtype: torch.dtype):
+        """The parts cast to the input's device and dtype, cached (factors are tiny)."""
+        key = (device, dtype)
+        if key not in self._cache:
+            def cast(t):
+                return None if t is None else t.to(device=device, dtype=dtype)
+            low_rank = [LowRankPart(cast(p.up), cast(p.down), p.scale, cast(p.mid), p.rows) for p in self.low_rank]
+            self._cache[key] = (low_rank, [cast(p.weight) for p in self.dense], cast(self.bias))
+        return self._cache[key]
+
+
+def normalise_factors(geometry: LayerGeometry, up: torch.Tensor, down: torch.Tensor,
+                      mid: torch.Tensor | None, rows_length: int | None, layer: str) -> tuple:
+    """Bring LoRA factors to the layer's form and check their shapes (names the layer on error).
+
+    Linear layers take 2-D factors; conv layers take 4-D (a 2-D factor from a peft file
+    for a 1x1 conv is reshaped). Returns (up, down, mid).
+    """
+    out_expected = rows_length if rows_length is not None else geometry.out_channels
+    rank = down.shape[0]
+    if geometry.kind == "linear":
+        up, down = up.reshape(up.shape[0], -1), down.reshape(rank, -1)
+        if mid is not None:
+            raise ValueError(f"Layer {layer}: a LoCon 'mid' factor was given for a Linear layer.")
+        ok = up.shape == (out_expected, rank) and down.shape[1] == geometry.in_channels
+    else:
+        spatial = len(geometry.kernel_size)
+        ones = (1,) * spatial
+        up = up.reshape(up.shape[0], up.shape[1], *ones)
+        if mid is None:
+            full_shape = (rank, geometry.in_channels, *geometry.kernel_size)
+            if down.ndim == 2 and down.numel() == torch.Size(full_shape).numel():
+                down = down.reshape(full_shape)
+            ok = (up.shape[0] == out_expected and up.shape[1] == rank
+                  and tuple(down.shape) == full_shape)
+        else:
+            down = down.reshape(rank, -1, *ones)
+            ok = (up.shape[0] == out_expected and tuple(mid.shape[2:]) == geometry.kernel_size
+                  and down.shape[1] == geometry.in_channels)
+        ok = ok and geometry.groups == 1
+    if not ok:
+        got = f"up {tuple(up.shape)}, down {tuple(down.shape)}" + (f", mid {tuple(mid.shape)}" if mid is not None else "")
+        raise ValueError(
+            f"Layer {layer}: LoRA factors ({got}) do not fit the model's layer "
+            f"({geometry.kind}, {geometry.in_channels} -> {out_expected} channels"
+            f"{', kernel ' + str(geometry.kernel_size) if geometry.kind == 'conv' else ''}). "
+            "The LoRA was probably trained for another base model; pick one made for this checkpoint."
+        )
+    return up, down, mid

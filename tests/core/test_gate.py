@@ -1,0 +1,96 @@
+import torch
+
+from plora_core.deltas import LayerDelta, LayerGeometry, LowRankPart
+from plora_core.gate import gate
+from plora_core.gated_layer import GatedForward
+from plora_core.recorder import STYLE, SUBJECT, GateState
+
+
+def direct_eq_9_13(w0, dw_c, dw_s, x):
+    """The paper's equations written out with materialised weights, one sample at a time."""
+    outs, choices = [], []
+    for xb in x:
+        f = xb @ w0.T                      # F_{i+1}
+        fc = xb @ (w0 + dw_c).T            # Eq. 9
+        fs = xb @ (w0 + dw_s).T            # Eq. 10
+        p, pc, ps = (torch.softmax(t.double(), -1) for t in (f, fc, fs))
+        d_c = (pc * (pc.log() - p.log())).sum(-1).mean()   # Eq. 11
+        d_s = (ps * (ps.log() - p.log())).sum(-1).mean()   # Eq. 12
+        take_subject = bool(d_c >= d_s)                    # Eq. 13
+        outs.append(fc if take_subject else fs)
+        choices.append(take_subject)
+    return torch.stack(outs), choices
+
+
+def test_gate_reproduces_equations_9_to_13_per_sample():
+    torch.manual_seed(0)
+    w0 = torch.randn(16, 12)
+    dw_c = torch.randn(16, 4) @ torch.randn(4, 12) * 0.3
+    dw_s = torch.randn(16, 4) @ torch.randn(4, 12) * 0.3
+    x = torch.randn(6, 10, 12)
+    x[3:] *= 3.0  # different inputs -> different decisions are possible
+    expected, choices = direct_eq_9_13(w0, dw_c, dw_s, x)
+    base = x @ w0.T
+    out, mask = gate(base, base + x @ dw_c.T, base + x @ dw_s.T, "kl", 1.0, -1)
+    assert mask.tolist() == choices
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_decisions_differ_between_samples_when_inputs_differ():
+    torch.manual_seed(1)
+    w0 = torch.randn(8, 8)
+    # the subject LoRA only acts on the first 4 input channels, the style on the last 4
+    dw_c = torch.zeros(8, 8)
+    dw_c[:, :4] = torch.randn(8, 4)
+    dw_s = torch.zeros(8, 8)
+    dw_s[:, 4:] = torch.randn(8, 4)
+    x = torch.zeros(2, 5, 8)
+    x[0, :, :4] = torch.randn(5, 4) * 2
+    x[1, :, 4:] = torch.randn(5, 4) * 2
+    base = x @ w0.T
+    _, mask = gate(base, base + x @ dw_c.T, base + x @ dw_s.T)
+    assert mask.tolist() == [True, False]
+
+
+def test_style_bias_moves_ties_towards_style():
+    base = torch.zeros(1, 2, 4)
+    same = torch.ones(1, 2, 4) * torch.tensor([0.0, 1.0, 0.0, 0.0])
+    _, paper = gate(base, same, same, "kl", 1.0)
+    _, biased = gate(base, same, same, "kl", 1.5)
+    assert paper.tolist() == [True] and biased.tolist() == [False]
+
+
+def _linear_delta(up, down, scale=1.0):
+    return LayerDelta(LayerGeometry("linear", up.shape[0], down.shape[1]), [LowRankPart(up, down, scale)])
+
+
+def test_gated_forward_records_every_call_and_obeys_the_window():
+    torch.manual_seed(2)
+    layer = torch.nn.Linear(6, 5)
+    up_c, down_c, up_s, down_s = torch.randn(5, 2), torch.randn(2, 6), torch.randn(5, 2), torch.randn(2, 6)
+    state = GateState(sigma_high=10.0, sigma_low=1.0)
+    gated = GatedForward("blk.proj", layer.forward, _linear_delta(up_c, down_c), _linear_delta(up_s, down_s), state)
+    x = torch.randn(3, 4, 6)
+    for step, sigma in enumerate([14.0, 8.0, 3.0, 0.5]):
+        state.begin_model_call(sigma)
+        out = gated(x)
+        base = layer(x)
+        both = base + x @ (up_c @ down_c).T + x @ (up_s @ down_s).T
+        if sigma > 10.0 or sigma < 1.0:
+            assert torch.allclose(out, both, atol=1e-5), "outside the window both deltas merge"
+        else:
+            expected, _ = gate(base, base + x @ (up_c @ down_c).T, base + x @ (up_s @ down_s).T)
+            assert torch.allclose(out, expected, atol=1e-5)
+    rec = state.recorder
+    assert rec.steps() == [1, 2] and rec.layers() == ["blk.proj"]
+    assert rec.choice(1, "blk.proj", 0) in (SUBJECT, STYLE)
+    state.begin_model_call(14.0)  # sigma rises: a new run clears the record
+    assert rec.steps() == [] and state.step == 0
+
+
+def test_step_index_follows_the_samplers_schedule_when_known():
+    state = GateState()
+    schedule = torch.tensor([14.6, 7.0, 3.0, 1.0, 0.0])
+    for sigma, expected in [(14.6, 0), (7.0, 1), (5.0, 2), (3.0, 2), (1.0, 3)]:
+        state.begin_model_call(sigma, schedule)
+        assert state.step == expected

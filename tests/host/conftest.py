@@ -1,0 +1,34 @@
+"""Host tier: needs ComfyUI's `comfy` package (2024 core from PyPI or a full checkout)."""
+
+import importlib.util
+
+import pytest
+
+if importlib.util.find_spec("comfy") is None:
+    pytest.skip(
+        "ComfyUI's comfy package is not importable: `pip install --no-deps notcomfy==0.1.0` "
+        "(see README) or set COMFYUI_PATH to a ComfyUI checkout.",
+        allow_module_level=True,
+    )
+
+import host_support  # noqa: E402  (sets comfy to CPU before anything imports model_management)
+
+host_support.ensure_cpu()
+
+
+@pytest.fixture
+def pack():
+    return host_support.load_pack()
+
+
+@pytest.fixture
+def tiny_sd15():
+    return host_support.tiny_sd15
+
+
+@pytest.fixture(autouse=True)
+def _unload_models():
+    yield
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()

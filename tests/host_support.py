@@ -1,0 +1,168 @@
+"""Helpers for host-tier tests: tiny ComfyUI models, LoRA files in real formats, the pack as a package."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK_NAME = "plora_pack"
+
+
+def ensure_cpu() -> None:
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+
+
+def load_pack():
+    """Import the repo root as a package, as ComfyUI does with custom_nodes/<pack>."""
+    if PACK_NAME in sys.modules:
+        return sys.modules[PACK_NAME]
+    spec = importlib.util.spec_from_file_location(PACK_NAME, ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_NAME] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+SD15_TINY_UNET = dict(
+    model_channels=32, context_dim=32, channel_mult=[1, 2], num_res_blocks=[1, 1], transformer_depth=[1, 1],
+    transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1, num_heads=2, num_head_channels=-1,
+    use_checkpoint=False, legacy=False, use_spatial_transformer=True, in_channels=4, out_channels=4,
+    use_linear_in_transformer=False, adm_in_channels=None, use_temporal_attention=False,
+    use_temporal_resblock=False, image_size=32,
+)
+
+
+def _patcher(model):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
+
+
+def _randomise(model, seed: int, scale: float = 0.05) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def tiny_sd15(seed: int = 0, dtype=torch.float32):
+    """A reduced SD1.5 UNet built by ComfyUI itself, random weights, wrapped in a ModelPatcher."""
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15(dict(SD15_TINY_UNET))
+    model = config.get_model({})
+    _randomise(model, seed)
+    if dtype != torch.float32:
+        model.diffusion_model.to(dtype)
+        model.diffusion_model.dtype = dtype
+    return _patcher(model)
+
+
+def tiny_flux(seed: int = 0):
+    """A one-double-block, one-single-block Flux DiT built by ComfyUI, random weights."""
+    import comfy.supported_models
+
+    unet_config = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32,
+                       hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1,
+                       axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=False)
+    config = comfy.supported_models.FluxSchnell(unet_config)
+    model = config.get_model({})
+    _randomise(model, seed)
+    return _patcher(model)
+
+
+def sd15_conditioning(batch: int = 1, seed: int = 0, context_dim: int = 32):
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(batch, 77, context_dim, generator=generator), {}]]
+
+
+def flux_conditioning(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, 8, 32, generator=generator), {"pooled_output": torch.randn(1, 32, generator=generator)}]]
+
+
+def module_shapes(model_patcher, paths: list[str]) -> dict[str, tuple]:
+    """{module path: weight shape} for paths inside model_patcher.model."""
+    import comfy.utils
+
+    return {p: tuple(comfy.utils.get_attr(model_patcher.model, p).weight.shape) for p in paths}
+
+
+def attention_paths(model_patcher, names=("to_q", "to_k", "to_v", "to_out.0")) -> list[str]:
+    """Every attention projection of the diffusion model, as module paths."""
+    out = []
+    for name, module in model_patcher.model.named_modules():
+        if any(name.endswith(f".{n}") for n in names) and hasattr(module, "weight"):
+            out.append(name)
+    return sorted(out)
+
+
+def lora_factors(shape: tuple, rank: int, generator: torch.Generator, scale: float = 0.3):
+    """(down, up) factors for a layer of weight shape [out, in(, k, k)]."""
+    out_dim, in_dim = shape[0], shape[1]
+    kernel = shape[2:]
+    down = torch.randn(rank, in_dim, *kernel, generator=generator) * scale
+    up = torch.randn(out_dim, rank, *([1] * len(kernel)), generator=generator) * scale
+    return down, up
+
+
+def kohya_key(path: str) -> str:
+    return "lora_unet_" + path[len("diffusion_model."):].replace(".", "_")
+
+
+def write_kohya_lora(file: Path, shapes: dict[str, tuple], rank: int = 4, seed: int = 1, alpha: float | None = None,
+                     metadata: dict | None = None) -> Path:
+    """A kohya-format LoRA (`lora_unet_*.lora_down/up.weight`, `.alpha`) for the given layers."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for path, shape in shapes.items():
+        down, up = lora_factors(shape, rank, generator)
+        key = kohya_key(path)
+        tensors[f"{key}.lora_down.weight"] = down
+        tensors[f"{key}.lora_up.weight"] = up
+        tensors[f"{key}.alpha"] = torch.tensor(float(alpha if alpha is not None else rank))
+    save_file(tensors, str(file), metadata=metadata)
+    return file
+
+
+def diffusers_names(model_patcher) -> dict[str, str]:
+    """ldm module path -> diffusers module name, from ComfyUI's own conversion table."""
+    import comfy.utils
+
+    table = comfy.utils.unet_to_diffusers(model_patcher.model.model_config.unet_config)
+    return {f"diffusion_model.{ldm[:-len('.weight')]}": d[:-len(".weight")]
+            for d, ldm in table.items() if d.endswith(".weight")}
+
+
+def write_peft_lora(file: Path, model_patcher, shapes: dict[str, tuple], rank: int = 4, seed: int = 2) -> Path:
+    """A diffusers/peft-format LoRA (`unet.<diffusers name>.lora_A/lora_B.weight`, no alpha)."""
+    names = diffusers_names(model_patcher)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for path, shape in shapes.items():
+        down, up = lora_factors(shape, rank, generator)
+        tensors[f"unet.{names[path]}.lora_A.weight"] = down.reshape(rank, -1) if len(shape) == 2 else down
+        tensors[f"unet.{names[path]}.lora_B.weight"] = up.reshape(shape[0], rank) if len(shape) == 2 else up
+    save_file(tensors, str(file))
+    return file
+
+
+def sample(model_patcher, steps: int = 4, seed: int = 0, cfg: float = 4.0, sampler: str = "euler",
+           positive=None, negative=None, callback=None, latent_shape=(1, 4, 8, 8)):
+    import comfy.sample
+
+    latent = torch.zeros(latent_shape)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    positive = positive if positive is not None else sd15_conditioning(seed=1)
+    negative = negative if negative is not None else sd15_conditioning(seed=2)
+    return comfy.sample.sample(model_patcher, noise, steps, cfg, sampler, "normal", positive, negative, latent,
+                               seed=seed, callback=callback, disable_pbar=True)
