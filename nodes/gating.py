@@ -55,7 +55,8 @@ def layer_delta(model_patcher, patches: ModulePatches, choice: LoraChoice, geome
             rows = None if offset is None else (int(offset[1]), int(offset[2]))
             up, down, mid = normalise_factors(geometry, up, down, mid, None if rows is None else rows[1], layer)
             scale = choice.strength * (alpha / down.shape[0] if alpha is not None else 1.0)
-            delta.low_rank.append(LowRankPart(up.float(), down.float(), scale, None if mid is None else mid.float(), rows))
+            mid = None if mid is None else mid.float()
+            delta.low_rank.append(LowRankPart(up.float(), down.float(), scale, mid, rows))
         else:
             dense = host.dense_delta(patch, choice.strength, module.weight, f"{patches.path}.weight", offset, function)
             delta.dense.append(DensePart(dense))

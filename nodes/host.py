@@ -108,7 +108,7 @@ def get_module(model_patcher, path: str) -> torch.nn.Module:
 
 def resolve_lora_path(name: str) -> str:
     """A name from ComfyUI's loras list (or an absolute path, for API use) -> a file path."""
-    if os.path.isabs(name) and os.path.isfile(name):
+    if os.path.isabs(name):
         return name
     try:
         import folder_paths

@@ -103,13 +103,15 @@ class LayerDelta:
     def _apply_low_rank(self, x: torch.Tensor, part: LowRankPart) -> torch.Tensor:
         g = self.geometry
         if g.kind == "linear":
-            return F.linear(F.linear(x, part.down), part.up) * part.scale
+            return F.linear(F.linear(x, part.down), part.up) * part.scale if part.scale != 1.0 else \
+                F.linear(F.linear(x, part.down), part.up)
         conv = g.conv_fn()
         if part.mid is None:
             hidden = conv(x, part.down, None, g.stride, g.padding, g.dilation)
         else:
             hidden = conv(conv(x, part.down), part.mid, None, g.stride, g.padding, g.dilation)
-        return conv(hidden, part.up) * part.scale
+        out = conv(hidden, part.up)
+        return out * part.scale if part.scale != 1.0 else out
 
     def _apply_dense(self, x: torch.Tensor, dense: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
         g = self.geometry
@@ -127,7 +129,9 @@ class LayerDelta:
         if key not in self._cache:
             def cast(t):
                 return None if t is None else t.to(device=device, dtype=dtype)
-            low_rank = [LowRankPart(cast(p.up), cast(p.down), p.scale, cast(p.mid), p.rows) for p in self.low_rank]
+            # the scale is folded into `up` once, saving a pass over the layer output per call
+            low_rank = [LowRankPart(cast(p.up * p.scale), cast(p.down), 1.0, cast(p.mid), p.rows)
+                        for p in self.low_rank]
             self._cache[key] = (low_rank, [cast(p.weight) for p in self.dense], cast(self.bias))
         return self._cache[key]
 
@@ -162,7 +166,8 @@ def normalise_factors(geometry: LayerGeometry, up: torch.Tensor, down: torch.Ten
                   and down.shape[1] == geometry.in_channels)
         ok = ok and geometry.groups == 1
     if not ok:
-        got = f"up {tuple(up.shape)}, down {tuple(down.shape)}" + (f", mid {tuple(mid.shape)}" if mid is not None else "")
+        got = f"up {tuple(up.shape)}, down {tuple(down.shape)}"
+        got += f", mid {tuple(mid.shape)}" if mid is not None else ""
         raise ValueError(
             f"Layer {layer}: LoRA factors ({got}) do not fit the model's layer "
             f"({geometry.kind}, {geometry.in_channels} -> {out_expected} channels"

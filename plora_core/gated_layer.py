@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from .deltas import LayerDelta
-from .gate import gate
+from .gate import gate_deltas
 from .recorder import GateState
 
 
@@ -36,8 +36,8 @@ class GatedForward:
         style_delta = self.style(x)
         if not self.state.active:
             return base + subject_delta + style_delta
-        out, subject_mask = gate(base, base + subject_delta, base + style_delta,
-                                 self.criterion, self.style_bias, self.channel_dim)
+        out, subject_mask = gate_deltas(base, subject_delta, style_delta, self.criterion, self.style_bias,
+                                        self.channel_dim)
         self.state.record(self.layer, subject_mask)
         return out
 

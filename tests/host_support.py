@@ -72,7 +72,7 @@ def tiny_flux(seed: int = 0):
     import comfy.supported_models
 
     unet_config = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32,
-                       hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1,
+                       hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1,
                        axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=False)
     config = comfy.supported_models.FluxSchnell(unet_config)
     model = config.get_model({})

@@ -70,7 +70,8 @@ def test_factors_follow_the_input_dtype_and_are_cached():
 
 def test_peft_two_dimensional_factors_fit_a_one_by_one_conv():
     conv = torch.nn.Conv2d(8, 6, 1)
-    up, down, _ = normalise_factors(LayerGeometry.of_module(conv), torch.randn(6, 2), torch.randn(2, 8), None, None, "x")
+    geometry = LayerGeometry.of_module(conv)
+    up, down, _ = normalise_factors(geometry, torch.randn(6, 2), torch.randn(2, 8), None, None, "x")
     assert up.shape == (6, 2, 1, 1) and down.shape == (2, 8, 1, 1)
 
 

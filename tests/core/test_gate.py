@@ -71,7 +71,7 @@ def test_gated_forward_records_every_call_and_obeys_the_window():
     state = GateState(sigma_high=10.0, sigma_low=1.0)
     gated = GatedForward("blk.proj", layer.forward, _linear_delta(up_c, down_c), _linear_delta(up_s, down_s), state)
     x = torch.randn(3, 4, 6)
-    for step, sigma in enumerate([14.0, 8.0, 3.0, 0.5]):
+    for sigma in [14.0, 8.0, 3.0, 0.5]:
         state.begin_model_call(sigma)
         out = gated(x)
         base = layer(x)
@@ -94,3 +94,28 @@ def test_step_index_follows_the_samplers_schedule_when_known():
     for sigma, expected in [(14.6, 0), (7.0, 1), (5.0, 2), (3.0, 2), (1.0, 3)]:
         state.begin_model_call(sigma, schedule)
         assert state.step == expected
+
+
+def test_fast_path_from_deltas_equals_the_reference_gate_for_every_criterion():
+    from plora_core.gate import gate_deltas
+
+    torch.manual_seed(3)
+    for channel_dim, shape in ((-1, (4, 9, 16)), (1, (4, 16, 3, 3))):
+        base = torch.randn(shape) * 4
+        delta_c, delta_s = torch.randn(shape), torch.randn(shape)
+        delta_s[:2] *= 3  # some samples must pick the style, others the subject
+        for criterion in ("kl", "js", "cosine"):
+            expected, expected_mask = gate(base, base + delta_c, base + delta_s, criterion, 1.0, channel_dim)
+            out, mask = gate_deltas(base, delta_c, delta_s, criterion, 1.0, channel_dim)
+            assert mask.tolist() == expected_mask.tolist()
+            assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_kl_shortcut_equals_the_definition():
+    from plora_core.divergence import kl_divergence
+    from plora_core.gate import kl_of_shift, log_normaliser
+
+    torch.manual_seed(4)
+    base, delta = torch.randn(3, 7, 12) * 5, torch.randn(3, 7, 12)
+    lse = log_normaliser(base, torch.log_softmax(base, -1), -1)
+    assert torch.allclose(kl_of_shift(base, lse, delta, -1), kl_divergence(base + delta, base, -1), atol=1e-5)

@@ -18,7 +18,8 @@ def setup(tmp_path, pack):
     extra_subject = ["diffusion_model.input_blocks.1.1.proj_in", "diffusion_model.input_blocks.1.0.in_layers.2"]
     extra_style = ["diffusion_model.output_blocks.3.1.proj_out"]
     subject_file = write_kohya_lora(tmp_path / "dog.safetensors", module_shapes(model, attention + extra_subject))
-    style_file = write_peft_lora(tmp_path / "watercolour.safetensors", model, module_shapes(model, attention + extra_style))
+    style_shapes = module_shapes(model, attention + extra_style)
+    style_file = write_peft_lora(tmp_path / "watercolour.safetensors", model, style_shapes)
     pair, _ = pack.nodes.LoadSubjectStyleLoRA().load(str(subject_file), 1.0, str(style_file), 1.0)
     return model, pair, attention, subject_file, style_file
 
@@ -61,7 +62,7 @@ def test_gate_changes_sampling_and_records_every_layer_and_step(setup, pack):
     state = pack.nodes.gating.gate_state_of(patched)
     assert state.recorder.steps() == list(range(STEPS))
     assert state.recorder.layers() == attention  # exactly the layers both LoRAs touch
-    for (step, layer), mask in state.recorder.decisions.items():
+    for mask in state.recorder.decisions.values():
         assert mask.shape == (2,), "cond and uncond rows decide separately"
     fraction = state.recorder.subject_fraction()
     assert 0.0 <= fraction <= 1.0

@@ -1,0 +1,117 @@
+"""Posterior metrics knowledge (PMK): the guidance score R of Eq. 16-19 on the decoded x0_hat.
+
+    S_clip_content = cos(E_clip(I_c_ref), E_clip(x0_hat))                          (Eq. 16)
+    S_clip_style   = cos(E_clip(I_s_ref), E_clip(x0_hat))                          (Eq. 17)
+    S_dino_style   = cos(E_dino(I_s_ref), E_dino(x0_hat))                          (Eq. 18)
+    R = 1 - (w1 S_clip_content + w2 S_clip_style + w3 S_dino_style) / (w1 + w2 + w3)   (Eq. 19)
+
+The paper weighs the three terms equally (w = 1, 1, 1). A zero weight skips its term and the
+encoder call behind it. With several reference images the cosine to each is averaged.
+Images are [B, 3, H, W] in [0, 1] (see `image_preprocess.to_nchw`); any size, since the
+encoders resize.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .encoders import ImageEncoder
+
+logger = logging.getLogger("plora")
+
+CLIP_CONTENT = "clip_content"  # Eq. 16
+CLIP_STYLE = "clip_style"      # Eq. 17
+DINO_STYLE = "dino_style"      # Eq. 18
+TERMS = (CLIP_CONTENT, CLIP_STYLE, DINO_STYLE)
+DEFAULT_WEIGHTS = (1.0, 1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class ReferenceEmbeddings:
+    """Unit-norm embeddings of I_c_ref and I_s_ref (Eq. 14-15), computed once per sampling run."""
+
+    clip_subject: torch.Tensor | None = None  # [N_c, D_clip]
+    clip_style: torch.Tensor | None = None    # [N_s, D_clip]
+    dino_style: torch.Tensor | None = None    # [N_s, D_dino]
+
+
+def _embed_constant(encoder: ImageEncoder, images: torch.Tensor) -> torch.Tensor:
+    """Unit-norm embeddings without a graph, as ordinary tensors even when called under inference mode."""
+    with torch.inference_mode(False), torch.no_grad():
+        return F.normalize(encoder.embed(images.clone()), dim=-1)  # [N, D]
+
+
+def embed_references(clip_encoder: ImageEncoder | None, dino_encoder: ImageEncoder | None,
+                     subject_images: torch.Tensor | None, style_images: torch.Tensor | None) -> ReferenceEmbeddings:
+    """E_CLIP(I_c_ref), E_CLIP(I_s_ref), E_DINO(I_s_ref) of Eq. 16-18; an entry is None when its input is."""
+    clip_subject = clip_style = dino_style = None
+    if clip_encoder is not None and subject_images is not None:
+        clip_subject = _embed_constant(clip_encoder, subject_images)
+    if clip_encoder is not None and style_images is not None:
+        clip_style = _embed_constant(clip_encoder, style_images)
+    if dino_encoder is not None and style_images is not None:
+        dino_style = _embed_constant(dino_encoder, style_images)
+    return ReferenceEmbeddings(clip_subject, clip_style, dino_style)
+
+
+def mean_cosine(embeddings: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Sim_cos of Eq. 16-18 averaged over the references: [B, D] and unit-norm [N, D] -> [B]."""
+    unit = F.normalize(embeddings, dim=-1)  # [B, D]
+    return (unit @ references.to(unit).T).mean(dim=-1)  # [B, N] -> [B]
+
+
+def check_weights(weights: Sequence[float]) -> tuple[float, float, float]:
+    """Three finite, non-negative weights (w1 clip content, w2 clip style, w3 dino style) with a positive sum."""
+    values = tuple(float(w) for w in weights)
+    if len(values) != 3 or not all(math.isfinite(w) and w >= 0 for w in values) or sum(values) <= 0:
+        raise ValueError(
+            f"Metric weights must be three finite numbers >= 0 with a positive sum "
+            f"(clip content, clip style, dino style), got {tuple(weights)}."
+        )
+    return values
+
+
+def residual_eq19(terms: dict[str, torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """R = 1 - sum_k w_k S_k / sum_k w_k (Eq. 19) over the terms with a non-zero weight. [B]"""
+    named = {name: w for name, w in zip(TERMS, check_weights(weights)) if w > 0}
+    weighted = sum(w * terms[name] for name, w in named.items())
+    return 1.0 - weighted / sum(named.values())
+
+
+def _require(value, what: str, weight_name: str, fix: str):
+    if value is None:
+        raise ValueError(f"The {weight_name} weight is above 0 but {what} is missing; {fix}, or set that weight to 0.")
+    return value
+
+
+def metric_residual(x0_images_nchw_01: torch.Tensor, clip_encoder: ImageEncoder | None,
+                    dino_encoder: ImageEncoder | None, refs: ReferenceEmbeddings,
+                    weights: Sequence[float] = DEFAULT_WEIGHTS) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """R(x0_hat) of Eq. 19 and its similarity terms (Eq. 16-18), each [B]; differentiable in the pixels.
+
+    `terms` holds only the terms with a non-zero weight, keyed CLIP_CONTENT, CLIP_STYLE, DINO_STYLE.
+    For a gradient, call with grad enabled and outside inference mode.
+    """
+    w_content, w_style, w_dino = check_weights(weights)
+    terms: dict[str, torch.Tensor] = {}
+    if w_content > 0 or w_style > 0:
+        encoder = _require(clip_encoder, "a CLIP encoder", "CLIP", "load a CLIP model")
+        clip_x0 = encoder.embed(x0_images_nchw_01)  # [B, D_clip]
+        if w_content > 0:
+            subject = _require(refs.clip_subject, "a subject reference image", "CLIP content", "connect I_c_ref")
+            terms[CLIP_CONTENT] = mean_cosine(clip_x0, subject)  # Eq. 16
+        if w_style > 0:
+            style = _require(refs.clip_style, "a style reference image", "CLIP style", "connect I_s_ref")
+            terms[CLIP_STYLE] = mean_cosine(clip_x0, style)  # Eq. 17
+    if w_dino > 0:
+        encoder = _require(dino_encoder, "a DINO encoder", "DINO style", "load a DINO model")
+        style = _require(refs.dino_style, "a style reference image embedded with DINO", "DINO style",
+                         "connect I_s_ref and embed it with the DINO encoder")
+        terms[DINO_STYLE] = mean_cosine(encoder.embed(x0_images_nchw_01), style)  # Eq. 18
+    return residual_eq19(terms, (w_content, w_style, w_dino)), terms

@@ -1,0 +1,78 @@
+"""Flux: ai-toolkit/diffusers LoRAs target q, k, v separately; Flux fuses them into one qkv Linear."""
+
+import pytest
+import torch
+from host_support import flux_conditioning, tiny_flux
+from safetensors.torch import save_file
+
+HIDDEN = 64
+
+
+def ai_toolkit_lora(file, seed, rank=4):
+    """q/k/v of the double block's image attention, and q/k/v + proj_mlp of the single block."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    names = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v",
+             "single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_v",
+             "single_transformer_blocks.0.proj_mlp"]
+    for name in names:
+        out_dim = 4 * HIDDEN if name.endswith("proj_mlp") else HIDDEN
+        tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, HIDDEN, generator=generator) * 0.3
+        tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(out_dim, rank, generator=generator) * 0.3
+    save_file(tensors, str(file))
+    return file
+
+
+def flux_sample(model_patcher, seed=0):
+    import comfy.sample
+
+    latent = torch.zeros(1, 16, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model_patcher, noise, 3, 1.0, "euler", "simple", flux_conditioning(1),
+                               flux_conditioning(2), latent, seed=seed, disable_pbar=True)
+
+
+def test_flux_fused_layers_are_gated_with_row_slices(pack, tmp_path):
+    model = tiny_flux()
+    subject = ai_toolkit_lora(tmp_path / "subject_flux.safetensors", seed=1)
+    style = ai_toolkit_lora(tmp_path / "style_flux.safetensors", seed=2)
+    pair, _ = pack.nodes.LoadSubjectStyleLoRA().load(str(subject), 1.0, str(style), 1.0)
+    patched = pack.nodes.PLoRAModelPatcher().patch(model, pair, "kl", 1.0, 0.0, 1.0)[0]
+    gated = sorted(k[: -len(".forward")] for k in patched.object_patches)
+    assert gated == ["diffusion_model.double_blocks.0.img_attn.qkv", "diffusion_model.single_blocks.0.linear1"]
+    parts = patched.object_patches["diffusion_model.single_blocks.0.linear1.forward"].subject.low_rank
+    assert sorted(p.rows for p in parts) == [(0, HIDDEN), (2 * HIDDEN, HIDDEN), (3 * HIDDEN, 4 * HIDDEN)]
+    fused = flux_sample(patched)
+    assert torch.isfinite(fused).all()
+    assert not torch.allclose(fused, flux_sample(model), atol=1e-4)
+    state = pack.nodes.gating.gate_state_of(patched)
+    assert state.recorder.steps() == [0, 1, 2]
+    assert len(state.recorder.layers()) == 2
+
+
+@pytest.mark.parametrize("dim", [0])
+def test_flux_row_slice_delta_equals_the_dense_merge(pack, tmp_path, dim):
+    """The gate's on-the-fly delta on a fused layer equals what add_patches merges into the weight."""
+    import comfy.utils
+
+    model = tiny_flux()
+    lora = ai_toolkit_lora(tmp_path / "one.safetensors", seed=3)
+    from plora_pack.nodes.gating import LoraChoice, layer_delta
+    from plora_pack.nodes.lora_mapping import map_lora_onto_model
+    from plora_pack.plora_core.deltas import LayerGeometry
+    from plora_pack.plora_core.lora_file import read_lora_file
+
+    file = read_lora_file(str(lora))
+    mapped = map_lora_onto_model(model, file)
+    path = "diffusion_model.single_blocks.0.linear1"
+    module = comfy.utils.get_attr(model.model, path)
+    delta = layer_delta(model, mapped.modules[path], LoraChoice(file, 0.8), LayerGeometry.of_module(module), module)
+    merged = model.clone()
+    merged.add_patches(mapped.raw_patches, 0.8)
+    merged.patch_model(torch.device("cpu"))
+    try:
+        dense = comfy.utils.get_attr(merged.model, path).weight.detach().clone()
+    finally:
+        merged.unpatch_model(torch.device("cpu"))
+    x = torch.randn(2, 5, HIDDEN)
+    assert torch.allclose(delta(x), x @ (dense - module.weight).T, atol=1e-4)
