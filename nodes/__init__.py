@@ -1,14 +1,24 @@
 """ComfyUI glue of the P-LoRA pack: node classes and their registration."""
 
+from .encoder_nodes import LoadPLoRACLIPEncoder, LoadPLoRADINOEncoder, register_model_folders
+from .guidance_sampler import PosteriorMetricGuidanceSampler
 from .load_pair import LoadSubjectStyleLoRA
 from .patcher_node import PLoRAModelPatcher
+
+register_model_folders()
 
 NODE_CLASS_MAPPINGS = {
     "LoadSubjectStyleLoRA": LoadSubjectStyleLoRA,
     "PLoRAModelPatcher": PLoRAModelPatcher,
+    "PosteriorMetricGuidanceSampler": PosteriorMetricGuidanceSampler,
+    "LoadPLoRACLIPEncoder": LoadPLoRACLIPEncoder,
+    "LoadPLoRADINOEncoder": LoadPLoRADINOEncoder,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoadSubjectStyleLoRA": "Load Subject + Style LoRA (P-LoRA)",
     "PLoRAModelPatcher": "P-LoRA Model Patcher (KL gate)",
+    "PosteriorMetricGuidanceSampler": "P-LoRA Metric Guidance Sampler (CLIP + DINO)",
+    "LoadPLoRACLIPEncoder": "Load P-LoRA CLIP Encoder",
+    "LoadPLoRADINOEncoder": "Load P-LoRA DINO Encoder",
 }

@@ -126,3 +126,64 @@ def lora_file_list() -> list[str]:
     except ImportError:
         return []
     return folder_paths.get_filename_list("loras")
+
+
+def ksampler_inputs() -> dict:
+    """KSampler's own inputs, so the guided sampler takes the same wiring and widget values."""
+    import comfy.samplers
+
+    return {
+        "model": ("MODEL", {"tooltip": "The model used for denoising the input latent (e.g. from PLoRAModelPatcher)."}),
+        "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                         "tooltip": "The random seed used for creating the noise."}),
+        "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "The number of denoising steps."}),
+        "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                          "tooltip": "Classifier-free guidance scale, as in KSampler."}),
+        "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "The sampling algorithm, as in KSampler."}),
+        "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "The noise schedule, as in KSampler."}),
+        "positive": ("CONDITIONING", {"tooltip": "The conditioning describing what to include in the image."}),
+        "negative": ("CONDITIONING", {"tooltip": "The conditioning describing what to exclude from the image."}),
+        "latent_image": ("LATENT", {"tooltip": "The latent image to denoise (a noise mask on it is honoured)."}),
+        "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                              "tooltip": "The amount of denoising applied; below 1 keeps part of the input latent."}),
+    }
+
+
+def schedule_sigmas(model_patcher, steps: int, sampler_name: str, scheduler: str, denoise: float) -> torch.Tensor:
+    """The sigma schedule KSampler will use for these settings."""
+    import comfy.samplers
+
+    return comfy.samplers.KSampler(model_patcher, steps=steps, device=model_patcher.load_device, sampler=sampler_name,
+                                   scheduler=scheduler, denoise=denoise,
+                                   model_options=model_patcher.model_options).sigmas.cpu()
+
+
+def is_flow_model(model_patcher) -> bool:
+    """Rectified-flow sampling (Flux, SD3): x = sigma * n + (1 - sigma) * x0."""
+    import comfy.model_sampling
+
+    return isinstance(model_patcher.get_model_object("model_sampling"), comfy.model_sampling.CONST)
+
+
+def run_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise) -> dict:
+    """KSampler's own path (noise, noise mask, preview, progress) via nodes.common_ksampler.
+
+    The 2024 core has no nodes.py: the same calls are made here, without the preview.
+    """
+    import sys
+
+    import comfy.sample
+
+    host_nodes = sys.modules.get("nodes")
+    if host_nodes is not None and hasattr(host_nodes, "common_ksampler"):
+        return host_nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                          latent_image, denoise=denoise)[0]
+    latent = latent_image["samples"]
+    if hasattr(comfy.sample, "fix_empty_latent_channels"):
+        latent = comfy.sample.fix_empty_latent_channels(model, latent)
+    noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+    samples = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                                  denoise=denoise, noise_mask=latent_image.get("noise_mask"), seed=seed)
+    out = latent_image.copy()
+    out["samples"] = samples
+    return out

@@ -166,3 +166,18 @@ def sample(model_patcher, steps: int = 4, seed: int = 0, cfg: float = 4.0, sampl
     negative = negative if negative is not None else sd15_conditioning(seed=2)
     return comfy.sample.sample(model_patcher, noise, steps, cfg, sampler, "normal", positive, negative, latent,
                                seed=seed, callback=callback, disable_pbar=True)
+
+
+TINY_VAE_CONFIG = {"double_z": True, "z_channels": 4, "resolution": 32, "in_channels": 3, "out_ch": 3, "ch": 32,
+                   "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+
+
+def tiny_vae(seed: int = 0, latent_channels: int = 4):
+    """A ComfyUI VAE object with a tiny AutoencoderKL (x2 upscale), random weights."""
+    import comfy.sd
+
+    config = dict(TINY_VAE_CONFIG, z_channels=latent_channels)
+    vae = comfy.sd.VAE(sd={}, config={"params": {"ddconfig": config, "embed_dim": latent_channels}})
+    _randomise(vae.first_stage_model, seed, scale=0.1)
+    vae.latent_channels = latent_channels
+    return vae

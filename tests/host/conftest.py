@@ -14,6 +14,7 @@ if importlib.util.find_spec("comfy") is None:
 import host_support  # noqa: E402  (sets comfy to CPU before anything imports model_management)
 
 host_support.ensure_cpu()
+host_support.load_pack()  # importable as plora_pack from here on, as ComfyUI imports custom_nodes/<pack>
 
 
 @pytest.fixture

@@ -1,0 +1,126 @@
+"""Per-step cost of P-LoRA score guidance against plain sampling, side by side in one run.
+
+An SD1.5-shaped UNet, the full-size SD VAE, a TAESD decoder, a CLIP ViT-B/32 and a DINO
+ViT-S/16 (all random weights, built locally: nothing is downloaded). Variants: plain
+sampling; fast mode with the VAE; fast mode with TAESD; exact mode with TAESD. Prints
+seconds per step, the ratio to plain, and peak memory (CUDA: peak allocated per variant;
+CPU: the process's peak resident set after each variant, which only grows).
+
+    python benchmarks/guidance_speed.py               # 64x64 latent (512x512 px), CUDA if present
+    python benchmarks/guidance_speed.py --latent 32   # 256x256, quicker on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gate_speed import build_unet, load_pack  # noqa: E402
+
+logger = logging.getLogger("plora.benchmark")
+SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+          "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+
+
+def randomise(module: torch.nn.Module, seed: int, scale: float = 0.02) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def build_vaes():
+    import comfy.sd
+    import comfy.taesd.taesd
+
+    vae = comfy.sd.VAE(sd={}, config={"params": {"ddconfig": SD_VAE, "embed_dim": 4}})
+    randomise(vae.first_stage_model, 1)
+    taesd = comfy.taesd.taesd.TAESD()
+    randomise(taesd, 2, 0.05)
+    return vae, comfy.sd.VAE(sd=taesd.state_dict())
+
+
+def build_encoders(device, dtype):
+    import open_clip
+    from transformers import ViTConfig, ViTModel
+
+    from plora_pack.plora_core.encoders import DinoImageEncoder, OpenClipImageEncoder
+
+    clip_model = open_clip.create_model("ViT-B-32").to(device, dtype).eval().requires_grad_(False)
+    clip = OpenClipImageEncoder(clip_model, name="ViT-B-32", image_size=224, mean=open_clip.OPENAI_DATASET_MEAN,
+                                std=open_clip.OPENAI_DATASET_STD, device=device, dtype=dtype)
+    dino_model = ViTModel(ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                                    intermediate_size=1536, patch_size=16, image_size=224), add_pooling_layer=False)
+    dino_model = dino_model.to(device, dtype).eval().requires_grad_(False)
+    dino = DinoImageEncoder(dino_model, interpolate_pos_encoding=False, name="dino-vits16", image_size=224,
+                            mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), device=device, dtype=dtype)
+    return clip, dino
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--latent", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = not torch.cuda.is_available()
+    load_pack()
+    import comfy.model_management as mm
+
+    device = mm.get_torch_device()
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model = build_unet(device.type, dtype)
+    vae, taesd = build_vaes()
+    clip, dino = build_encoders(device, dtype)
+    from plora_pack.nodes.guidance_sampler import PosteriorMetricGuidanceSampler
+
+    generator = torch.Generator().manual_seed(0)
+    positive = [[torch.randn(1, 77, 768, generator=generator), {}]]
+    negative = [[torch.randn(1, 77, 768, generator=generator), {}]]
+    subject = torch.rand(1, 512, 512, 3, generator=generator)
+    style = torch.rand(1, 512, 512, 3, generator=generator)
+    node = PosteriorMetricGuidanceSampler()
+    variants = [("plain", 0.0, "fast", None), ("fast + VAE", 10.0, "fast", None),
+                ("fast + TAESD", 10.0, "fast", taesd), ("exact + TAESD", 10.0, "exact", taesd)]
+    results = {}
+    for name, m, mode, decoder in variants:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        latent = {"samples": torch.zeros(1, 4, args.latent, args.latent)}
+        node.sample(model, 0, 1, 7.0, "euler", "normal", positive, negative, latent, 1.0, vae, subject, style,
+                    clip, m, 1.0, 1.0, 1.0, mode, 0.0, 1.0, 1, dino, decoder)  # warm-up: loading, copies
+        start = time.perf_counter()
+        node.sample(model, 0, args.steps, 7.0, "euler", "normal", positive, negative, latent, 1.0, vae, subject,
+                    style, clip, m, 1.0, 1.0, 1.0, mode, 0.0, 1.0, 1, dino, decoder)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        results[name] = ((time.perf_counter() - start) / args.steps, peak_memory_mb())
+
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    logger.info("SD1.5-shaped UNet, latent %dx%d (%dx%d px), CFG, CLIP ViT-B/32 + DINO ViT-S/16, %s, %s",
+                args.latent, args.latent, 8 * args.latent, 8 * args.latent, dtype, where)
+    plain = results["plain"][0]
+    for name, (seconds, memory) in results.items():
+        logger.info("  %-14s %8.3f s/step  x%.2f of plain  peak %.0f MB", name, seconds, seconds / plain, memory)
+    logger.info("targets: fast+TAESD <= 1.5x, fast+VAE <= 2.5x, exact <= 4x")
+
+
+if __name__ == "__main__":
+    main()

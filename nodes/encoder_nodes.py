@@ -1,0 +1,125 @@
+"""Loader nodes for the guidance encoders: CLIP (open_clip checkpoints) and DINO (HF folders).
+
+Models come from ComfyUI's model folders: `models/open_clip/` for CLIP checkpoint files and
+`models/dino/<folder>/` for DINO model folders (registered here). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from ..plora_core.encoders import load_dino_encoder, load_open_clip_encoder
+
+logger = logging.getLogger("plora")
+
+ENCODER_TYPE = "PLORA_ENCODER"
+CLIP_FOLDER = "open_clip"
+DINO_FOLDER = "dino"
+_PRECISIONS = ["auto", "fp32", "fp16", "bf16"]
+_DEFAULT_ARCHITECTURES = ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-quickgelu", "ViT-H-14", "ViT-bigG-14"]
+
+
+def register_model_folders() -> None:
+    """models/open_clip and models/dino, when running inside a full ComfyUI."""
+    try:
+        import folder_paths
+    except ImportError:
+        return
+    for name in (CLIP_FOLDER, DINO_FOLDER):
+        if name not in folder_paths.folder_names_and_paths:
+            folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
+
+
+def _folder_entries(name: str, want_dirs: bool) -> list[str]:
+    try:
+        import folder_paths
+    except ImportError:
+        return []
+    if not want_dirs:
+        return folder_paths.get_filename_list(name)
+    found = []
+    for base in folder_paths.get_folder_paths(name):
+        if os.path.isdir(base):
+            found += sorted(d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d, "config.json")))
+    return found
+
+
+def _resolve(name: str, folder: str, want_dir: bool) -> str:
+    if os.path.isabs(name):
+        return name
+    import folder_paths
+
+    for base in folder_paths.get_folder_paths(folder):
+        path = os.path.join(base, name)
+        if (os.path.isdir(path) if want_dir else os.path.isfile(path)):
+            return path
+    raise FileNotFoundError(f"'{name}' is not in models/{folder}; put it there or pick another entry.")
+
+
+def device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
+    """ComfyUI's compute device; fp16 on a GPU that supports it under 'auto', float32 on the CPU."""
+    import comfy.model_management as mm
+
+    device = mm.get_torch_device()
+    if precision == "auto":
+        dtype = torch.float16 if device.type != "cpu" and mm.should_use_fp16(device) else torch.float32
+    else:
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return device, dtype
+
+
+def clip_architectures() -> list[str]:
+    try:
+        import open_clip
+    except ImportError:
+        return _DEFAULT_ARCHITECTURES
+    names = open_clip.list_models()
+    return [n for n in _DEFAULT_ARCHITECTURES if n in names] + [n for n in names if n not in _DEFAULT_ARCHITECTURES]
+
+
+class LoadPLoRACLIPEncoder:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "checkpoint": (_folder_entries(CLIP_FOLDER, False), {"tooltip": "An open_clip or OpenAI CLIP checkpoint file in models/open_clip (.safetensors, .bin or OpenAI .pt)."}),
+                "architecture": (clip_architectures(), {"tooltip": "The open_clip architecture the checkpoint is for (ViT-B-32 is what the paper's metrics use)."}),
+                "precision": (_PRECISIONS, {"tooltip": "auto: fp16 on a GPU, fp32 on the CPU. Scores are computed in float32 either way."}),
+            }
+        }
+
+    RETURN_TYPES = (ENCODER_TYPE,)
+    RETURN_NAMES = ("clip_encoder",)
+    OUTPUT_TOOLTIPS = ("A differentiable CLIP image encoder for the PosteriorMetricGuidanceSampler.",)
+    FUNCTION = "load"
+    CATEGORY = "P-LoRA"
+    DESCRIPTION = "Loads a CLIP image encoder (open_clip) from a local checkpoint for P-LoRA score guidance (Eq. 16-17)."
+
+    def load(self, checkpoint, architecture, precision):
+        device, dtype = device_and_dtype(precision)
+        return (load_open_clip_encoder(architecture, _resolve(checkpoint, CLIP_FOLDER, False), device, dtype),)
+
+
+class LoadPLoRADINOEncoder:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_folder": (_folder_entries(DINO_FOLDER, True), {"tooltip": "A DINO (v1 ViT, e.g. dino-vits16) or DINOv2 model folder in models/dino, in Hugging Face format."}),
+                "precision": (_PRECISIONS, {"tooltip": "auto: fp16 on a GPU, fp32 on the CPU. Scores are computed in float32 either way."}),
+            }
+        }
+
+    RETURN_TYPES = (ENCODER_TYPE,)
+    RETURN_NAMES = ("dino_encoder",)
+    OUTPUT_TOOLTIPS = ("A differentiable DINO image encoder for the PosteriorMetricGuidanceSampler.",)
+    FUNCTION = "load"
+    CATEGORY = "P-LoRA"
+    DESCRIPTION = "Loads a DINO image encoder (transformers, local folder) for P-LoRA score guidance (Eq. 18)."
+
+    def load(self, model_folder, precision):
+        device, dtype = device_and_dtype(precision)
+        return (load_dino_encoder(_resolve(model_folder, DINO_FOLDER, True), device, dtype),)

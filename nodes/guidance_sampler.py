@@ -1,0 +1,113 @@
+"""PosteriorMetricGuidanceSampler: KSampler plus CLIP/DINO score guidance (paper Eq. 14-20)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..plora_core.guidance import GuidanceWindow
+from ..plora_core.image_preprocess import to_nchw
+from ..plora_core.scores import embed_references
+from . import host
+from .encoder_nodes import ENCODER_TYPE
+from .score_guidance import EXACT, FAST, ScoreGuidance, differentiable_decoder
+
+logger = logging.getLogger("plora")
+
+
+def normal_tensor_copy(weight: torch.Tensor) -> torch.Tensor:
+    """Identity weight wrapper: a copy that autograd may save (ComfyUI's weights are inference tensors)."""
+    return weight.clone()
+
+
+def enable_denoiser_backward(model) -> None:
+    """Exact mode backprops through the denoiser; make its weights usable by autograd on the clone."""
+    diffusion_model = model.model.diffusion_model
+    if not any(p.is_inference() for p in diffusion_model.parameters()):
+        return
+    if not hasattr(model, "add_weight_wrapper"):
+        raise ValueError("gradient_mode 'exact' needs ComfyUI 0.3 or newer for this model (its weights were loaded "
+                         "under inference mode). Use gradient_mode 'fast', or update ComfyUI.")
+    for name, param in model.model.named_parameters():
+        if name.startswith("diffusion_model.") and name.endswith((".weight", ".bias")):
+            model.add_weight_wrapper(name, normal_tensor_copy)
+    model.force_cast_weights = True
+
+
+def check_decoder(model, vae, what: str) -> None:
+    channels = model.model.latent_format.latent_channels
+    vae_channels = getattr(vae, "latent_channels", channels)
+    if vae_channels != channels:
+        raise ValueError(f"The {what} decodes {vae_channels}-channel latents but the model makes {channels}-channel "
+                         "latents; connect the VAE (or TAESD) that belongs to this checkpoint.")
+
+
+class PosteriorMetricGuidanceSampler:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                **host.ksampler_inputs(),
+                "vae": ("VAE", {"tooltip": "The checkpoint's VAE: decodes the predicted clean image for scoring (unless a guidance_decoder is connected)."}),
+                "subject_reference": ("IMAGE", {"tooltip": "Reference image(s) of the subject, e.g. rendered by the subject LoRA alone with the subject prompt (Eq. 14). One image serves the whole batch."}),
+                "style_reference": ("IMAGE", {"tooltip": "Reference image(s) of the style, e.g. rendered by the style LoRA alone with the style prompt (Eq. 15)."}),
+                "clip_encoder": (ENCODER_TYPE, {"tooltip": "A CLIP image encoder (Load P-LoRA CLIP Encoder)."}),
+                "guidance_scale": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "m of Eq. 20, in the paper's units (paper: 10). 0 samples exactly like KSampler."}),
+                "clip_subject_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip": "Weight of S_CLIP(subject reference) in the score (Eq. 16, 19)."}),
+                "clip_style_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip": "Weight of S_CLIP(style reference) in the score (Eq. 17, 19)."}),
+                "dino_style_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip": "Weight of S_DINO(style reference) in the score (Eq. 18, 19); 0 needs no DINO encoder."}),
+                "gradient_mode": ([FAST, EXACT], {"default": FAST, "tooltip": "fast: gradient w.r.t. the predicted clean image only (decoder + encoders, no denoiser backward). exact: through the denoiser, as Eq. 20 is written (slower, more memory)."}),
+                "guidance_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "First guided step, as a fraction of the steps."}),
+                "guidance_end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Guidance stops at this fraction of the steps."}),
+                "guide_every": ("INT", {"default": 1, "min": 1, "max": 100, "tooltip": "Guide every n-th step inside the window (1 = every step)."}),
+            },
+            "optional": {
+                "dino_encoder": (ENCODER_TYPE, {"tooltip": "A DINO image encoder (Load P-LoRA DINO Encoder); needed when dino_style_weight > 0."}),
+                "guidance_decoder": ("VAE", {"tooltip": "Optional cheap decoder for guidance only, e.g. TAESD (Load VAE -> taesd / taesdxl / taef1). The final image still uses your VAE."}),
+            },
+        }
+
+    RETURN_TYPES = ("LATENT", "STRING")
+    RETURN_NAMES = ("LATENT", "guidance_log")
+    OUTPUT_TOOLTIPS = ("The denoised latent, as from KSampler.",
+                       "Per guided step: sigma, the score R (lower is better) and its three similarity terms.")
+    FUNCTION = "sample"
+    CATEGORY = "P-LoRA"
+    DESCRIPTION = (
+        "P-LoRA posterior metric knowledge (paper Eq. 14-20): KSampler that, while denoising, decodes the "
+        "predicted clean image, scores it with CLIP and DINO against the subject and style references, and "
+        "steps along the gradient that raises the score. Works with every sampler and scheduler."
+    )
+
+    def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
+               vae, subject_reference, style_reference, clip_encoder, guidance_scale, clip_subject_weight,
+               clip_style_weight, dino_style_weight, gradient_mode, guidance_start, guidance_end, guide_every,
+               dino_encoder=None, guidance_decoder=None):
+        if guidance_scale == 0:
+            return (host.run_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                      latent_image, denoise), "guidance_scale is 0: plain sampling")
+        weights = (clip_subject_weight, clip_style_weight, dino_style_weight)
+        if dino_style_weight > 0 and dino_encoder is None:
+            raise ValueError("dino_style_weight is above 0 but no DINO encoder is connected: connect Load P-LoRA "
+                             "DINO Encoder to dino_encoder, or set dino_style_weight to 0.")
+        if guidance_start > guidance_end:
+            raise ValueError(f"guidance_start ({guidance_start}) must not be after guidance_end ({guidance_end}).")
+        decoder_vae = guidance_decoder if guidance_decoder is not None else vae
+        check_decoder(model, decoder_vae, "guidance decoder" if guidance_decoder is not None else "VAE")
+        refs = embed_references(clip_encoder, dino_encoder if dino_style_weight > 0 else None,
+                                to_nchw(subject_reference), to_nchw(style_reference))
+        sigmas = host.schedule_sigmas(model, steps, sampler_name, scheduler, denoise)
+        window = GuidanceWindow(tuple(float(s) for s in sigmas), guidance_start, guidance_end, guide_every)
+        guidance = ScoreGuidance(differentiable_decoder(decoder_vae), clip_encoder,
+                                 dino_encoder if dino_style_weight > 0 else None, refs, weights, guidance_scale,
+                                 window, gradient_mode, host.is_flow_model(model), cfg)
+        guided = model.clone()
+        if gradient_mode == EXACT:
+            enable_denoiser_backward(guided)
+        guided.set_model_sampler_post_cfg_function(guidance)
+        latent = host.run_ksampler(guided, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                   latent_image, denoise)
+        log = guidance.record.summary()
+        logger.info("P-LoRA guidance:\n%s", log)
+        return (latent, log)

@@ -1,0 +1,139 @@
+"""The score-guidance hook that runs inside ComfyUI's model call (paper Eq. 16-20).
+
+It is installed as a `sampler_post_cfg_function`: after CFG combines the predictions, it
+decodes x0_hat, scores it with CLIP and DINO against the references (Eq. 19), and returns
+a corrected denoised prediction whose Euler step equals Eq. 20. Every sampler and
+scheduler keeps working because the sampler itself is untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from ..plora_core.guidance import GuidanceWindow, guided_denoised
+from ..plora_core.scores import ReferenceEmbeddings, metric_residual
+
+logger = logging.getLogger("plora")
+
+FAST = "fast"
+EXACT = "exact"
+
+
+def differentiable_decoder(vae) -> torch.nn.Module:
+    """A normal-tensor copy of a VAE's (or TAESD's) decoder model, frozen, for backward.
+
+    ComfyUI loads weights under inference mode, and inference tensors cannot be saved
+    for backward; the copy is made outside it. The VAE the user passed is not touched.
+    """
+    with torch.inference_mode(False):
+        model = copy.deepcopy(vae.first_stage_model)
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            tensor.data = tensor.data.clone()
+        model.requires_grad_(False).eval()
+    return model.to(vae.device)
+
+
+@dataclass
+class GuidanceRecord:
+    """What guidance did: per guided step, sigma, the mean score R and its terms."""
+
+    rows: list[tuple[int, float, float, dict[str, float]]] = field(default_factory=list)
+    skipped_nan: int = 0
+
+    def summary(self) -> str:
+        lines = [f"step {step:3d}  sigma {sigma:8.4f}  R {r:.4f}  " + "  ".join(f"{k} {v:.4f}" for k, v in terms.items())
+                 for step, sigma, r, terms in self.rows]
+        if self.skipped_nan:
+            lines.append(f"{self.skipped_nan} step(s) skipped: the score's gradient had NaN/Inf")
+        return "\n".join(lines) if lines else "no step was guided"
+
+
+class ScoreGuidance:
+    """sampler_post_cfg_function: D -> D + correction for -m * c * grad R(decode(x0_hat))."""
+
+    def __init__(self, decoder: torch.nn.Module, clip_encoder, dino_encoder, refs: ReferenceEmbeddings,
+                 weights: tuple[float, float, float], m: float, window: GuidanceWindow, mode: str, flow: bool,
+                 cfg: float):
+        self.decoder = decoder
+        self.clip_encoder = clip_encoder
+        self.dino_encoder = dino_encoder
+        self.refs = refs
+        self.weights = weights
+        self.m = m
+        self.window = window
+        self.mode = mode
+        self.flow = flow
+        self.cfg = cfg
+        self.record = GuidanceRecord()
+        self.copy_saved_tensors = False
+
+    def __deepcopy__(self, memo):  # model_options are deep-copied by clones; share this object
+        return self
+
+    def score(self, x0_model_space: torch.Tensor, base_model) -> tuple[torch.Tensor, dict]:
+        """R(x0_hat) per sample, Eq. 16-19, through the decoder (differentiable, no clamp)."""
+        latent = base_model.process_latent_out(x0_model_space)
+        decoder_dtype = next(self.decoder.parameters()).dtype
+        pixels = self.decoder.decode(latent.to(decoder_dtype))  # [B, 3, H, W] in [-1, 1]
+        images = (pixels.float() + 1.0) / 2.0
+        return metric_residual(images, self.clip_encoder, self.dino_encoder, self.refs, self.weights)
+
+    def _denoised_with_grad(self, args, x: torch.Tensor) -> torch.Tensor:
+        """x0_hat(x_t) recomputed with autograd through the denoiser (exact mode, Eq. 20 as written)."""
+        import comfy.samplers
+
+        conds = [args["cond"], args["uncond"]]
+        cond_pred, uncond_pred = comfy.samplers.calc_cond_batch(args["model"], conds, x, args["sigma"],
+                                                                args["model_options"])
+        if args["uncond"] is None:
+            return cond_pred
+        return uncond_pred + (cond_pred - uncond_pred) * self.cfg
+
+    def _exact_gradient(self, args):
+        """grad_{x_t} R(x0_hat(x_t)) through the denoiser (Eq. 20 as written).
+
+        Some host versions add residuals in place inside their blocks, which autograd refuses
+        ("modified by an inplace operation"); then saved tensors are copied as they are saved
+        (more memory, same result), and that is remembered for the rest of the run.
+        """
+        x = args["input"].detach().clone().requires_grad_(True)
+        if not self.copy_saved_tensors:
+            try:
+                residual, terms = self.score(self._denoised_with_grad(args, x), args["model"])
+                return torch.autograd.grad(residual.sum(), x)[0], residual, terms
+            except RuntimeError as error:
+                if "inplace operation" not in str(error):
+                    raise
+                logger.info("P-LoRA exact guidance: the model modifies tensors in place; copying saved tensors.")
+                self.copy_saved_tensors = True
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+            residual, terms = self.score(self._denoised_with_grad(args, x), args["model"])
+            return torch.autograd.grad(residual.sum(), x)[0], residual, terms
+
+    def __call__(self, args) -> torch.Tensor:
+        denoised = args["denoised"]
+        sigma = float(args["sigma"].max())
+        step = self.window.step_of(sigma)
+        if step is None or not self.window.is_guided(step):
+            return denoised
+        with torch.inference_mode(False), torch.enable_grad():
+            if self.mode == EXACT:
+                grad, residual, terms = self._exact_gradient(args)
+            else:
+                x0 = denoised.detach().clone().requires_grad_(True)
+                residual, terms = self.score(x0, args["model"])
+                (grad,) = torch.autograd.grad(residual.sum(), x0)
+        if not torch.isfinite(grad).all():
+            if not self.record.skipped_nan:
+                logger.warning("P-LoRA guidance: the score's gradient has NaN/Inf at step %d; skipping that step "
+                               "(warned once). Try fp32 encoders or a smaller guidance_scale.", step)
+            self.record.skipped_nan += 1
+            return denoised
+        self.record.rows.append((step, sigma, float(residual.detach().mean()),
+                                 {k: float(v.detach().mean()) for k, v in terms.items()}))
+        return guided_denoised(denoised, grad.to(denoised.dtype), self.m, sigma, self.window.next_sigma(step),
+                               self.flow)
