@@ -1,6 +1,7 @@
 """ComfyUI glue of the P-LoRA pack: node classes and their registration."""
 
-from .encoder_nodes import LoadPLoRACLIPEncoder, LoadPLoRADINOEncoder, register_model_folders
+from .encoder_nodes import (LoadPLoRACLIPEncoder, LoadPLoRADINOEncoder, PLoRAEncoderFromCLIPVision,
+                            register_model_folders)
 from .guidance_sampler import PosteriorMetricGuidanceSampler
 from .load_pair import LoadSubjectStyleLoRA
 from .patcher_node import PLoRAModelPatcher
@@ -13,6 +14,7 @@ NODE_CLASS_MAPPINGS = {
     "PosteriorMetricGuidanceSampler": PosteriorMetricGuidanceSampler,
     "LoadPLoRACLIPEncoder": LoadPLoRACLIPEncoder,
     "LoadPLoRADINOEncoder": LoadPLoRADINOEncoder,
+    "PLoRAEncoderFromCLIPVision": PLoRAEncoderFromCLIPVision,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -21,4 +23,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "PosteriorMetricGuidanceSampler": "P-LoRA Metric Guidance Sampler (CLIP + DINO)",
     "LoadPLoRACLIPEncoder": "Load P-LoRA CLIP Encoder",
     "LoadPLoRADINOEncoder": "Load P-LoRA DINO Encoder",
+    "PLoRAEncoderFromCLIPVision": "P-LoRA Encoder from CLIP Vision",
 }

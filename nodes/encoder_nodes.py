@@ -11,7 +11,8 @@ import os
 
 import torch
 
-from ..plora_core.encoders import load_dino_encoder, load_open_clip_encoder
+from ..plora_core.encoders import ImageEncoder, load_dino_encoder, load_open_clip_encoder
+from .trainable_copy import copy_tensors_as_saved, frozen_normal_copy
 
 logger = logging.getLogger("plora")
 
@@ -123,3 +124,45 @@ class LoadPLoRADINOEncoder:
     def load(self, model_folder, precision):
         device, dtype = device_and_dtype(precision)
         return (load_dino_encoder(_resolve(model_folder, DINO_FOLDER, True), device, dtype),)
+
+
+class ClipVisionImageEncoder(ImageEncoder):
+    """A ComfyUI CLIP_VISION model (CLIP ViT-L/H/G, or DINOv2 in ComfyUI 0.3+) as a guidance encoder.
+
+    Uses a normal-tensor copy of the model and its projected image embedding (`image_embeds`),
+    with the pack's differentiable preprocessing (ComfyUI's own rounds pixels: zero gradient).
+    """
+
+    def __init__(self, model: torch.nn.Module, **kwargs):
+        super().__init__(**kwargs)
+        self.model = model
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        with copy_tensors_as_saved():  # ComfyUI's CLIP vision adds residuals in place
+            return self.model(pixel_values=pixels, intermediate_output=-2)[2]  # [B, D]
+
+
+def encoder_from_clip_vision(clip_vision) -> ClipVisionImageEncoder:
+    device = clip_vision.load_device
+    dtype = next(clip_vision.model.parameters()).dtype
+    return ClipVisionImageEncoder(
+        frozen_normal_copy(clip_vision.model, device), name=f"CLIP_VISION {type(clip_vision.model).__name__}",
+        image_size=clip_vision.image_size, mean=clip_vision.image_mean, std=clip_vision.image_std,
+        device=device, dtype=dtype,
+    )
+
+
+class PLoRAEncoderFromCLIPVision:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip_vision": ("CLIP_VISION", {"tooltip": "A model from Load CLIP Vision (e.g. the CLIP ViT-H/G you use for IPAdapter, or DINOv2)."})}}
+
+    RETURN_TYPES = (ENCODER_TYPE,)
+    RETURN_NAMES = ("encoder",)
+    OUTPUT_TOOLTIPS = ("A differentiable image encoder for the PosteriorMetricGuidanceSampler (clip_encoder or dino_encoder).",)
+    FUNCTION = "wrap"
+    CATEGORY = "P-LoRA"
+    DESCRIPTION = "Uses a CLIP_VISION model you already have (CLIP ViT-L/H/G, DINOv2) as a P-LoRA guidance encoder."
+
+    def wrap(self, clip_vision):
+        return (encoder_from_clip_vision(clip_vision),)

@@ -29,7 +29,7 @@ def enable_denoiser_backward(model) -> None:
     if not hasattr(model, "add_weight_wrapper"):
         raise ValueError("gradient_mode 'exact' needs ComfyUI 0.3 or newer for this model (its weights were loaded "
                          "under inference mode). Use gradient_mode 'fast', or update ComfyUI.")
-    for name, param in model.model.named_parameters():
+    for name, _ in model.model.named_parameters():
         if name.startswith("diffusion_model.") and name.endswith((".weight", ".bias")):
             model.add_weight_wrapper(name, normal_tensor_copy)
     model.force_cast_weights = True

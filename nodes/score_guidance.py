@@ -8,7 +8,6 @@ scheduler keeps working because the sampler itself is untouched.
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, field
 
@@ -16,6 +15,7 @@ import torch
 
 from ..plora_core.guidance import GuidanceWindow, guided_denoised
 from ..plora_core.scores import ReferenceEmbeddings, metric_residual
+from .trainable_copy import copy_tensors_as_saved, frozen_normal_copy
 
 logger = logging.getLogger("plora")
 
@@ -24,17 +24,8 @@ EXACT = "exact"
 
 
 def differentiable_decoder(vae) -> torch.nn.Module:
-    """A normal-tensor copy of a VAE's (or TAESD's) decoder model, frozen, for backward.
-
-    ComfyUI loads weights under inference mode, and inference tensors cannot be saved
-    for backward; the copy is made outside it. The VAE the user passed is not touched.
-    """
-    with torch.inference_mode(False):
-        model = copy.deepcopy(vae.first_stage_model)
-        for tensor in list(model.parameters()) + list(model.buffers()):
-            tensor.data = tensor.data.clone()
-        model.requires_grad_(False).eval()
-    return model.to(vae.device)
+    """A normal-tensor copy of a VAE's (or TAESD's) model for backward; the VAE itself is untouched."""
+    return frozen_normal_copy(vae.first_stage_model, vae.device)
 
 
 @dataclass
@@ -110,7 +101,7 @@ class ScoreGuidance:
                     raise
                 logger.info("P-LoRA exact guidance: the model modifies tensors in place; copying saved tensors.")
                 self.copy_saved_tensors = True
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        with copy_tensors_as_saved():
             residual, terms = self.score(self._denoised_with_grad(args, x), args["model"])
             return torch.autograd.grad(residual.sum(), x)[0], residual, terms
 
