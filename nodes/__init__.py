@@ -5,8 +5,10 @@ from .encoder_nodes import (LoadPLoRACLIPEncoder, LoadPLoRADINOEncoder, PLoRAEnc
 from .guidance_sampler import PosteriorMetricGuidanceSampler
 from .load_pair import LoadSubjectStyleLoRA
 from .patcher_node import PLoRAModelPatcher
+from .routes import register_routes
 
 register_model_folders()
+register_routes()
 
 NODE_CLASS_MAPPINGS = {
     "LoadSubjectStyleLoRA": LoadSubjectStyleLoRA,

@@ -97,6 +97,19 @@ def read_lora_file(path: str) -> LoraFile:
     return lora
 
 
+def read_header(path: str) -> tuple[dict[str, tuple], dict[str, str]]:
+    """{key: shape} and metadata of a .safetensors file without reading its tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as error:  # damaged headers raise several types
+        raise LoraFileError(f"{path} could not be read ({type(error).__name__}: {error}).") from error
+    return shapes, dict(metadata)
+
+
 def metadata_json(metadata: dict[str, str], key: str):
     """A JSON-valued metadata entry (kohya stores several), or None when absent or invalid."""
     try:

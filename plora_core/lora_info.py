@@ -1,4 +1,8 @@
-"""What a LoRA file was trained for, read from its keys, shapes and kohya/modelspec metadata."""
+"""What a LoRA file (or checkpoint) was made for, read from its keys, shapes and metadata.
+
+Functions take {key: tensor} or {key: shape tuple}, so a file's safetensors header is enough
+(`lora_file.read_header`) and nothing large is read to show an artist the file's details.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +33,11 @@ def family_from_metadata(metadata: dict[str, str]) -> str | None:
     return None
 
 
-def family_from_keys(tensors: dict[str, torch.Tensor]) -> str:
+def _shape(value) -> tuple:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value)
+
+
+def family_from_keys(tensors: dict) -> str:
     """Best guess of the base-model family from key names and cross-attention widths."""
     keys = list(tensors)
     joined = "\n".join(keys)
@@ -39,7 +47,8 @@ def family_from_keys(tensors: dict[str, torch.Tensor]) -> str:
         return "SD3"
     for key in keys:
         if ("attn2_to_k" in key or "attn2.to_k" in key) and key.endswith(_DOWN_SUFFIXES):
-            width = tensors[key].shape[1] if tensors[key].ndim >= 2 else 0
+            shape = _shape(tensors[key])
+            width = shape[1] if len(shape) >= 2 else 0
             if width in _CONTEXT_FAMILIES:
                 return _CONTEXT_FAMILIES[width]
     if "lora_te2_" in joined or "text_encoder_2" in joined:
@@ -49,14 +58,14 @@ def family_from_keys(tensors: dict[str, torch.Tensor]) -> str:
     return "unknown"
 
 
-def lora_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+def lora_family(tensors: dict, metadata: dict[str, str]) -> str:
     """The family a LoRA was made for: metadata first, then its keys."""
     return family_from_metadata(metadata) or family_from_keys(tensors)
 
 
-def lora_rank(tensors: dict[str, torch.Tensor]) -> int | None:
+def lora_rank(tensors: dict) -> int | None:
     """The most common rank among the file's down factors (None for non-LoRA adapters)."""
-    ranks = Counter(t.shape[0] for k, t in tensors.items() if k.endswith(_DOWN_SUFFIXES))
+    ranks = Counter(_shape(t)[0] for k, t in tensors.items() if k.endswith(_DOWN_SUFFIXES))
     return ranks.most_common(1)[0][0] if ranks else None
 
 
@@ -73,3 +82,26 @@ def trigger_words(metadata: dict[str, str], limit: int = 8) -> list[str]:
         if isinstance(tags, dict):
             counts.update({str(tag).strip(): int(n) for tag, n in tags.items() if isinstance(n, (int, float))})
     return [tag for tag, _ in counts.most_common(limit) if tag]
+
+
+def checkpoint_family(tensors: dict) -> str:
+    """Family of a checkpoint or diffusion-model file from its keys and cross-attention width."""
+    keys = list(tensors)
+    joined = "\n".join(keys)
+    if "double_blocks." in joined and "single_blocks." in joined:
+        return "Flux"
+    if "joint_blocks." in joined:
+        return "SD3"
+    for key in keys:
+        if key.endswith("attn2.to_k.weight") and "input_blocks" in key:
+            shape = _shape(tensors[key])
+            if len(shape) == 2 and shape[1] in _CONTEXT_FAMILIES:
+                return _CONTEXT_FAMILIES[shape[1]]
+    return "unknown"
+
+
+def families_compatible(lora: str, model: str) -> bool:
+    """False only when both are known and differ ('SD1.5 or SDXL' is compatible with either)."""
+    if "unknown" in (lora, model):
+        return True
+    return model in lora.split(" or ")
