@@ -72,11 +72,23 @@ def device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
+def register_custom_architectures() -> None:
+    """open_clip model configs (`<Name>.json`) placed in models/open_clip become architectures."""
+    import open_clip
+
+    for name in _folder_entries(CLIP_FOLDER, False):
+        if name.lower().endswith(".json"):
+            path = _resolve(name, CLIP_FOLDER, False)
+            if os.path.splitext(os.path.basename(path))[0] not in open_clip.list_models():
+                open_clip.add_model_config(path)
+
+
 def clip_architectures() -> list[str]:
     try:
         import open_clip
     except ImportError:
         return _DEFAULT_ARCHITECTURES
+    register_custom_architectures()
     names = open_clip.list_models()
     return [n for n in _DEFAULT_ARCHITECTURES if n in names] + [n for n in names if n not in _DEFAULT_ARCHITECTURES]
 
@@ -86,7 +98,7 @@ class LoadPLoRACLIPEncoder:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "checkpoint": (_folder_entries(CLIP_FOLDER, False), {"tooltip": "An open_clip or OpenAI CLIP checkpoint file in models/open_clip (.safetensors, .bin or OpenAI .pt)."}),
+                "checkpoint": ([f for f in _folder_entries(CLIP_FOLDER, False) if not f.lower().endswith(".json")], {"tooltip": "An open_clip or OpenAI CLIP checkpoint file in models/open_clip (.safetensors, .bin or OpenAI .pt)."}),
                 "architecture": (clip_architectures(), {"tooltip": "The open_clip architecture the checkpoint is for (ViT-B-32 is what the paper's metrics use)."}),
                 "precision": (_PRECISIONS, {"tooltip": "auto: fp16 on a GPU, fp32 on the CPU. Scores are computed in float32 either way."}),
             }
@@ -97,9 +109,11 @@ class LoadPLoRACLIPEncoder:
     OUTPUT_TOOLTIPS = ("A differentiable CLIP image encoder for the PosteriorMetricGuidanceSampler.",)
     FUNCTION = "load"
     CATEGORY = "P-LoRA"
-    DESCRIPTION = "Loads a CLIP image encoder (open_clip) from a local checkpoint for P-LoRA score guidance (Eq. 16-17)."
+    DESCRIPTION = ("Loads a CLIP image encoder (open_clip) from a local checkpoint for P-LoRA score guidance (Eq. 16-17). "
+                   "Custom open_clip architectures: put their <Name>.json config in models/open_clip.")
 
     def load(self, checkpoint, architecture, precision):
+        register_custom_architectures()
         device, dtype = device_and_dtype(precision)
         return (load_open_clip_encoder(architecture, _resolve(checkpoint, CLIP_FOLDER, False), device, dtype),)
 
