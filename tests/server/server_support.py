@@ -90,7 +90,8 @@ def write_loras(folder: Path) -> None:
         style[f"unet.{names[path]}.lora_A.weight"] = torch.randn(4, in_dim, generator=generator) * 0.05
         style[f"unet.{names[path]}.lora_B.weight"] = torch.randn(out_dim, 4, generator=generator) * 0.05
     tags = json.dumps({"10_sks": {"sks dog": 30, "dog": 12, "grass": 2}})
-    save_file(subject, str(folder / SUBJECT_LORA), metadata={"ss_base_model_version": "sd_v1", "ss_tag_frequency": tags})
+    metadata = {"ss_base_model_version": "sd_v1", "ss_tag_frequency": tags}
+    save_file(subject, str(folder / SUBJECT_LORA), metadata=metadata)
     save_file(style, str(folder / STYLE_LORA))
 
 

@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import server_support
 from test_server import PLACEHOLDERS, WORKFLOWS
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -2,12 +2,15 @@
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import server_support
 from comfyui_checkout import find_checkout
-from workflow_api import check_links, ui_to_api
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from workflow_api import check_links, ui_to_api  # noqa: E402
 
 CHECKOUT = find_checkout()
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
@@ -105,3 +108,16 @@ def test_metadata_routes(server):
     assert lora == {"name": server_support.SUBJECT_LORA, "family": "SD1.5", "rank": 8,
                     "trigger_words": ["sks dog", "dog", "grass"]}
     assert server.get(f"/plora/model_info?name={server_support.CHECKPOINT}")["family"] == "SD1.5"
+
+
+def test_readme_command_runs_the_sdxl_workflow(server):
+    """scripts/run_workflow.py, the README's main command, against the running server."""
+    script = Path(__file__).resolve().parents[2] / "scripts" / "run_workflow.py"
+    command = [sys.executable, str(script), str(WORKFLOWS / "plora_sdxl.json"), "--url", server.url,
+               "--checkpoint", server_support.CHECKPOINT, "--subject-lora", server_support.SUBJECT_LORA,
+               "--style-lora", server_support.STYLE_LORA, "--clip-checkpoint", server_support.CLIP_FILE,
+               "--clip-architecture", "PLoRA-Tiny-ViT", "--dino", server_support.DINO_FOLDER,
+               "--set", "steps=2", "--set", "width=64", "--set", "height=64", "--timeout", "300"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "saved: output/plora_sdxl_" in result.stderr
