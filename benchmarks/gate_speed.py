@@ -35,6 +35,16 @@ SD15_UNET = {
 LORA_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 
 
+def use_comfyui_checkout() -> None:
+    """With COMFYUI_PATH set, measure against that ComfyUI instead of an installed 2024 core."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from comfyui_checkout import bind_checkout_packages, find_checkout
+
+    checkout = find_checkout()
+    if checkout:
+        bind_checkout_packages(checkout)
+
+
 def load_pack():
     spec = importlib.util.spec_from_file_location("plora_pack", ROOT / "__init__.py",
                                                   submodule_search_locations=[str(ROOT)])
@@ -113,6 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+    use_comfyui_checkout()
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = not torch.cuda.is_available()

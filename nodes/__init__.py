@@ -6,6 +6,7 @@ from .guidance_sampler import PosteriorMetricGuidanceSampler
 from .load_pair import LoadSubjectStyleLoRA
 from .patcher_node import PLoRAModelPatcher
 from .routes import register_routes
+from .selection_map_node import PLoRASelectionMap
 
 register_model_folders()
 register_routes()
@@ -17,6 +18,7 @@ NODE_CLASS_MAPPINGS = {
     "LoadPLoRACLIPEncoder": LoadPLoRACLIPEncoder,
     "LoadPLoRADINOEncoder": LoadPLoRADINOEncoder,
     "PLoRAEncoderFromCLIPVision": PLoRAEncoderFromCLIPVision,
+    "PLoRASelectionMap": PLoRASelectionMap,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -26,4 +28,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoadPLoRACLIPEncoder": "Load P-LoRA CLIP Encoder",
     "LoadPLoRADINOEncoder": "Load P-LoRA DINO Encoder",
     "PLoRAEncoderFromCLIPVision": "P-LoRA Encoder from CLIP Vision",
+    "PLoRASelectionMap": "P-LoRA Selection Map",
 }

@@ -15,27 +15,44 @@ SUBJECT = "subject"
 STYLE = "style"
 
 
+COND, UNCOND = 0, 1  # ComfyUI's cond_or_uncond codes for the rows of a model call
+
+
 @dataclass
 class SelectionRecorder:
-    """Decisions of the latest run: {(step, layer): [B] bool mask, True = subject}."""
+    """Decisions of the latest run.
+
+    `decisions[(step, layer)]` is the [B] bool mask (True = subject) of the last model call;
+    `by_kind[(step, layer, kind)]` keeps the rows of each kind (COND, UNCOND) separately, so
+    a step whose cond and uncond passes ran as separate calls is still complete.
+    """
 
     decisions: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    by_kind: dict[tuple[int, str, int], torch.Tensor] = field(default_factory=dict)
     sigmas: dict[int, float] = field(default_factory=dict)
-    cond_or_uncond: dict[int, list[int]] = field(default_factory=dict)
+    layer_order: dict[str, None] = field(default_factory=dict)
 
     def clear(self) -> None:
         self.decisions.clear()
+        self.by_kind.clear()
         self.sigmas.clear()
-        self.cond_or_uncond.clear()
+        self.layer_order.clear()
 
-    def record(self, step: int, layer: str, subject_mask: torch.Tensor) -> None:
-        self.decisions[(step, layer)] = subject_mask.detach()
+    def record(self, step: int, layer: str, subject_mask: torch.Tensor,
+               cond_or_uncond: list[int] | None = None) -> None:
+        mask = subject_mask.detach()
+        self.decisions[(step, layer)] = mask
+        self.layer_order.setdefault(layer, None)
+        if cond_or_uncond and mask.shape[0] % len(cond_or_uncond) == 0:
+            for kind, rows in zip(cond_or_uncond, mask.chunk(len(cond_or_uncond))):
+                self.by_kind[(step, layer, kind)] = rows
 
     def steps(self) -> list[int]:
         return sorted({step for step, _ in self.decisions})
 
     def layers(self) -> list[str]:
-        return sorted({layer for _, layer in self.decisions})
+        """Gated layers in the order the model ran them."""
+        return list(self.layer_order)
 
     def choice(self, step: int, layer: str, sample: int) -> str:
         """SUBJECT or STYLE for one (step, layer, sample)."""
@@ -48,13 +65,21 @@ class SelectionRecorder:
         masks = torch.cat([m.reshape(-1).float().cpu() for m in self.decisions.values()])
         return float(masks.mean())
 
-    def as_matrix(self, sample: int = 0) -> tuple[list[int], list[str], torch.Tensor]:
-        """(steps, layers, [steps, layers] float matrix, 1 = subject) for one sample; NaN where unseen."""
+    def as_matrix(self, sample: int = 0, kind: int | None = None) -> tuple[list[int], list[str], torch.Tensor]:
+        """(steps, layers, [steps, layers] matrix, 1 = subject, NaN = not seen) for one image.
+
+        With `kind` (COND or UNCOND), `sample` indexes the images of that pass; else the rows
+        of the model call.
+        """
         steps, layers = self.steps(), self.layers()
         matrix = torch.full((len(steps), len(layers)), float("nan"))
         step_row = {s: i for i, s in enumerate(steps)}
         layer_col = {name: j for j, name in enumerate(layers)}
-        for (step, layer), mask in self.decisions.items():
+        if kind is None:
+            entries = ((step, layer, mask) for (step, layer), mask in self.decisions.items())
+        else:
+            entries = ((step, layer, mask) for (step, layer, k), mask in self.by_kind.items() if k == kind)
+        for step, layer, mask in entries:
             if sample < mask.shape[0]:
                 matrix[step_row[step], layer_col[layer]] = float(mask[sample])
         return steps, layers, matrix
@@ -76,6 +101,7 @@ class GateState:
     step: int = 0
     sigma: float | None = None
     active: bool = True
+    cond_or_uncond: list[int] | None = None
 
     def begin_model_call(self, sigma: float, sample_sigmas: torch.Tensor | None = None,
                          cond_or_uncond: list[int] | None = None) -> None:
@@ -89,8 +115,7 @@ class GateState:
         self.sigma = sigma
         self.active = self.sigma_low <= sigma <= self.sigma_high
         self.recorder.sigmas[self.step] = sigma
-        if cond_or_uncond is not None:
-            self.recorder.cond_or_uncond[self.step] = list(cond_or_uncond)
+        self.cond_or_uncond = None if cond_or_uncond is None else list(cond_or_uncond)
 
     def record(self, layer: str, subject_mask: torch.Tensor) -> None:
-        self.recorder.record(self.step, layer, subject_mask)
+        self.recorder.record(self.step, layer, subject_mask, self.cond_or_uncond)

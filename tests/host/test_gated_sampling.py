@@ -61,7 +61,7 @@ def test_gate_changes_sampling_and_records_every_layer_and_step(setup, pack):
 
     state = pack.nodes.gating.gate_state_of(patched)
     assert state.recorder.steps() == list(range(STEPS))
-    assert state.recorder.layers() == attention  # exactly the layers both LoRAs touch
+    assert sorted(state.recorder.layers()) == attention  # exactly the layers both LoRAs touch
     for mask in state.recorder.decisions.values():
         assert mask.shape == (2,), "cond and uncond rows decide separately"
     fraction = state.recorder.subject_fraction()
@@ -179,3 +179,19 @@ def test_bfloat16_model(pack, tmp_path):
     out = sample(patched)
     assert torch.isfinite(out).all()
     assert pack.nodes.gating.gate_state_of(patched).recorder.steps() == list(range(STEPS))
+
+
+def test_selection_map_node_draws_the_last_run(setup, pack):
+    model, pair, attention, *_ = setup
+    patched = pack.nodes.PLoRAModelPatcher().patch(model, pair, "kl", 1.0, 0.0, 1.0)[0]
+    node = pack.nodes.selection_map_node.PLoRASelectionMap()
+    with pytest.raises(ValueError, match="recorded nothing yet"):
+        node.draw(patched, {}, 0, "positive (cond)", 4)
+    with pytest.raises(ValueError, match="no P-LoRA gate"):
+        node.draw(model, {}, 0, "positive (cond)", 4)
+    sample(patched)
+    for cfg_pass in ("positive (cond)", "negative (uncond)"):
+        (image,) = node.draw(patched, {}, 0, cfg_pass, 4)
+        assert image.shape == (1, len(attention) * 4, STEPS * 4, 3)
+        colours = {tuple(round(v, 2) for v in px.tolist()) for px in image[0, 1::4, 1::4].reshape(-1, 3)}
+        assert colours <= {(0.96, 0.58, 0.16), (0.22, 0.47, 0.96)}, "every (step, layer) cell was decided"
