@@ -2,9 +2,9 @@
 
 An SD1.5-shaped UNet, the full-size SD VAE, a TAESD decoder, a CLIP ViT-B/32 and a DINO
 ViT-S/16 (all random weights, built locally: nothing is downloaded). Variants: plain
-sampling; fast mode with the VAE; fast mode with TAESD; exact mode with TAESD. Prints
-seconds per step, the ratio to plain, and peak memory (CUDA: peak allocated per variant;
-CPU: the process's peak resident set after each variant, which only grows).
+sampling; fast mode with the VAE; fast mode with TAESD; exact mode with TAESD, interleaved
+over the repeats (the fastest run of each counts). Prints seconds per step, the ratio to plain,
+and peak memory (CUDA: peak allocated per variant; CPU: the process's peak resident set).
 
     python benchmarks/guidance_speed.py               # 64x64 latent (512x512 px), CUDA if present
     python benchmarks/guidance_speed.py --latent 32   # 256x256, quicker on a CPU

@@ -78,6 +78,11 @@ def test_shipped_workflow_runs_to_an_image(name, server, object_info):
     assert history["status"]["status_str"] == "success", history["status"]
     images = [image for output in history["outputs"].values() for image in output.get("images", [])]
     assert images, history["outputs"]
+    if name == "plora_sdxl.json":  # the selection map preview of the gate's decisions
+        selection = [n for n, o in history["outputs"].items()
+                     if n in {k for k, v in small_api_prompt(shipped(name), object_info).items()
+                              if v["class_type"] == "PreviewImage"} and o.get("images")]
+        assert len(selection) == 3, "subject reference, style reference and selection map previews"
     if name == "plora_comparison.json":
         saved = [o for o in history["outputs"].values() if o.get("images") and o["images"][0]["type"] == "output"]
         assert len(saved[0]["images"]) == 4, "direct | PFK | PMK | P-LoRA"
