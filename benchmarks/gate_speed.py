@@ -146,8 +146,11 @@ def main() -> None:
             direct.add_patches(map_lora_onto_model(model, lora).raw_patches, 1.0)
         gated = build_gated_model(model, SubjectStyleLoras(LoraChoice(loras[0], 1.0), LoraChoice(loras[1], 1.0)))
         gated_layers = len(gated.object_patches)
-        times = {name: seconds_per_step(m, args.steps, args.latent, args.repeats)
-                 for name, m in (("base", model), ("direct merge", direct), ("P-LoRA gate", gated))}
+        variants = (("base", model), ("direct merge", direct), ("P-LoRA gate", gated))
+        times = {name: float("inf") for name, _ in variants}
+        for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every variant
+            for name, patcher in variants:
+                times[name] = min(times[name], seconds_per_step(patcher, args.steps, args.latent, 1))
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     logger.info("SD1.5-shaped UNet, latent %dx%d (%dx%d px), batch 1 + CFG, rank-%d LoRAs, %d gated layers, %s, %s",

@@ -43,7 +43,7 @@ class SubjectStyleLoras:
     style: LoraChoice
 
 
-def layer_delta(model_patcher, patches: ModulePatches, choice: LoraChoice, geometry: LayerGeometry,
+def layer_delta(patches: ModulePatches, choice: LoraChoice, geometry: LayerGeometry,
                 module: torch.nn.Module) -> LayerDelta:
     """One LoRA's delta on one layer: factored where it can be, dense (via the host) otherwise."""
     delta = LayerDelta(geometry)
@@ -130,8 +130,8 @@ def build_gated_model(model, pair: SubjectStyleLoras, criterion: str = "kl", sty
     for path in sorted(shared):
         module = host.get_module(model, path)
         geometry = LayerGeometry.of_module(module)
-        subject = layer_delta(model, mapped[id(pair.subject)].modules[path], pair.subject, geometry, module)
-        style = layer_delta(model, mapped[id(pair.style)].modules[path], pair.style, geometry, module)
+        subject = layer_delta(mapped[id(pair.subject)].modules[path], pair.subject, geometry, module)
+        style = layer_delta(mapped[id(pair.style)].modules[path], pair.style, geometry, module)
         original = model.get_model_object(f"{path}.forward")
         gates[path] = GatedForward(path, original, subject, style, state, criterion, style_bias)
 

@@ -105,6 +105,8 @@ class PosteriorMetricGuidanceSampler:
         guided = model.clone()
         if gradient_mode == EXACT:
             enable_denoiser_backward(guided)
+            previous = guided.model_options.get("model_function_wrapper")
+            guided.set_model_unet_function_wrapper(guidance.exact.model_call_wrapper(previous))
         guided.set_model_sampler_post_cfg_function(guidance)
         latent = host.run_ksampler(guided, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                    latent_image, denoise)

@@ -15,7 +15,8 @@ import torch
 
 from ..plora_core.guidance import GuidanceWindow, guided_denoised
 from ..plora_core.scores import ReferenceEmbeddings, metric_residual
-from .trainable_copy import copy_tensors_as_saved, frozen_normal_copy
+from .exact_gradient import DenoiserGradient
+from .trainable_copy import frozen_normal_copy
 
 logger = logging.getLogger("plora")
 
@@ -58,12 +59,15 @@ class ScoreGuidance:
         self.window = window
         self.mode = mode
         self.flow = flow
-        self.cfg = cfg
         self.record = GuidanceRecord()
-        self.copy_saved_tensors = False
+        self.exact = DenoiserGradient(cfg, self.is_guided_sigma) if mode == EXACT else None
 
     def __deepcopy__(self, memo):  # model_options are deep-copied by clones; share this object
         return self
+
+    def is_guided_sigma(self, sigma: float) -> bool:
+        step = self.window.step_of(sigma)
+        return step is not None and self.window.is_guided(step)
 
     def score(self, x0_model_space: torch.Tensor, base_model) -> tuple[torch.Tensor, dict]:
         """R(x0_hat) per sample, Eq. 16-19, through the decoder (differentiable, no clamp)."""
@@ -73,38 +77,6 @@ class ScoreGuidance:
         images = (pixels.float() + 1.0) / 2.0
         return metric_residual(images, self.clip_encoder, self.dino_encoder, self.refs, self.weights)
 
-    def _denoised_with_grad(self, args, x: torch.Tensor) -> torch.Tensor:
-        """x0_hat(x_t) recomputed with autograd through the denoiser (exact mode, Eq. 20 as written)."""
-        import comfy.samplers
-
-        conds = [args["cond"], args["uncond"]]
-        cond_pred, uncond_pred = comfy.samplers.calc_cond_batch(args["model"], conds, x, args["sigma"],
-                                                                args["model_options"])
-        if args["uncond"] is None:
-            return cond_pred
-        return uncond_pred + (cond_pred - uncond_pred) * self.cfg
-
-    def _exact_gradient(self, args):
-        """grad_{x_t} R(x0_hat(x_t)) through the denoiser (Eq. 20 as written).
-
-        Some host versions add residuals in place inside their blocks, which autograd refuses
-        ("modified by an inplace operation"); then saved tensors are copied as they are saved
-        (more memory, same result), and that is remembered for the rest of the run.
-        """
-        x = args["input"].detach().clone().requires_grad_(True)
-        if not self.copy_saved_tensors:
-            try:
-                residual, terms = self.score(self._denoised_with_grad(args, x), args["model"])
-                return torch.autograd.grad(residual.sum(), x)[0], residual, terms
-            except RuntimeError as error:
-                if "inplace operation" not in str(error):
-                    raise
-                logger.info("P-LoRA exact guidance: the model modifies tensors in place; copying saved tensors.")
-                self.copy_saved_tensors = True
-        with copy_tensors_as_saved():
-            residual, terms = self.score(self._denoised_with_grad(args, x), args["model"])
-            return torch.autograd.grad(residual.sum(), x)[0], residual, terms
-
     def __call__(self, args) -> torch.Tensor:
         denoised = args["denoised"]
         sigma = float(args["sigma"].max())
@@ -112,8 +84,8 @@ class ScoreGuidance:
         if step is None or not self.window.is_guided(step):
             return denoised
         with torch.inference_mode(False), torch.enable_grad():
-            if self.mode == EXACT:
-                grad, residual, terms = self._exact_gradient(args)
+            if self.exact is not None:
+                grad, residual, terms = self.exact.gradient(args, lambda x0: self.score(x0, args["model"]))
             else:
                 x0 = denoised.detach().clone().requires_grad_(True)
                 residual, terms = self.score(x0, args["model"])

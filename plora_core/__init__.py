@@ -1,6 +1,13 @@
 """The P-LoRA algorithm in plain torch: no ComfyUI imports here.
 
-- `divergence`, `gate`: posterior feature knowledge, Eq. 9-13.
-- `deltas`, `gated_layer`, `recorder`: applying two LoRAs to a layer and gating them.
-- `lora_file`, `lora_info`: reading LoRA files and what they were trained for.
+Posterior feature knowledge (paper section 4.1, Eq. 9-13):
+- `divergence`, `gate`: the feature divergences and the gate itself;
+- `deltas`, `gated_layer`: applying two LoRAs to one layer's input and gating them;
+- `recorder`, `selection_map`: the decisions per (step, layer, sample) and their picture.
+
+Posterior metric knowledge (section 4.2, Eq. 14-20):
+- `image_preprocess`, `encoders`: differentiable CLIP and DINO image encoders;
+- `scores`: the score R of Eq. 16-19; `guidance`: the guided step of Eq. 20 in sampler space.
+
+Files: `lora_file` reads LoRA files, `lora_info` tells what a file was made for.
 """

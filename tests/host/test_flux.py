@@ -66,7 +66,7 @@ def test_flux_row_slice_delta_equals_the_dense_merge(pack, tmp_path, dim):
     mapped = map_lora_onto_model(model, file)
     path = "diffusion_model.single_blocks.0.linear1"
     module = comfy.utils.get_attr(model.model, path)
-    delta = layer_delta(model, mapped.modules[path], LoraChoice(file, 0.8), LayerGeometry.of_module(module), module)
+    delta = layer_delta(mapped.modules[path], LoraChoice(file, 0.8), LayerGeometry.of_module(module), module)
     merged = model.clone()
     merged.add_patches(mapped.raw_patches, 0.8)
     merged.patch_model(torch.device("cpu"))

@@ -217,3 +217,31 @@ def test_models_loaded_under_inference_mode_as_comfyui_loads_them(pack, encoders
     else:
         with pytest.raises(ValueError, match="needs ComfyUI 0.3 or newer.*gradient_mode 'fast'"):
             run(pack, model, vae, encoders, references, mode="exact")
+
+
+def test_exact_mode_reusing_the_samplers_forward_equals_recomputing_it(pack, encoders, references, monkeypatch):
+    gradient_class = pack.nodes.exact_gradient.DenoiserGradient
+    recomputed = []
+    original = gradient_class._recomputed
+
+    def counting(self, args, score):
+        recomputed.append(float(args["sigma"].max()))
+        return original(self, args, score)
+
+    monkeypatch.setattr(gradient_class, "_recomputed", counting)
+    model, vae = tiny_sd15(), tiny_vae()
+    reused, log_reused = run(pack, model, vae, encoders, references, mode="exact")
+    # at most the first step recomputes (a host whose blocks add in place fails once, then copies)
+    assert len(recomputed) <= 1 and len(log_reused.splitlines()) == STEPS
+
+    original_init = gradient_class.__init__
+
+    def without_reuse(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.reuse_forward = False
+
+    monkeypatch.setattr(gradient_class, "__init__", without_reuse)
+    recomputed.clear()
+    again, _ = run(pack, model, vae, encoders, references, mode="exact")
+    assert len(recomputed) >= STEPS
+    assert torch.allclose(reused["samples"], again["samples"], rtol=1e-4, atol=1e-4)
