@@ -2,7 +2,8 @@
 
 An SD1.5-shaped UNet, the full-size SD VAE, a TAESD decoder, a CLIP ViT-B/32 and a DINO
 ViT-S/16 (all random weights, built locally: nothing is downloaded). Variants: plain
-sampling; fast mode with the VAE; fast mode with TAESD; exact mode with TAESD, interleaved
+sampling; fast mode with the VAE (full-resolution decode, and decoded at 256 px); fast mode
+with TAESD; exact mode with TAESD, interleaved
 over the repeats (the fastest run of each counts). Prints seconds per step, the ratio to plain,
 and peak memory (CUDA: peak allocated per variant; CPU: the process's peak resident set).
 
@@ -103,23 +104,24 @@ def main() -> None:
     subject = torch.rand(1, 512, 512, 3, generator=generator)
     style = torch.rand(1, 512, 512, 3, generator=generator)
     node = PosteriorMetricGuidanceSampler()
-    variants = [("plain", 0.0, "fast", None), ("fast + VAE", 10.0, "fast", None),
-                ("fast + TAESD", 10.0, "fast", taesd), ("exact + TAESD", 10.0, "exact", taesd)]
-    def run(steps, m, mode, decoder):
+    variants = [("plain", 0.0, "fast", None, 0), ("fast + VAE", 10.0, "fast", None, 0),
+                ("fast + VAE 256px", 10.0, "fast", None, 256), ("fast + TAESD", 10.0, "fast", taesd, 0),
+                ("exact + TAESD", 10.0, "exact", taesd, 0)]
+    def run(steps, m, mode, decoder, decode_size):
         latent = {"samples": torch.zeros(1, 4, args.latent, args.latent)}
         node.sample(model, 0, steps, 7.0, "euler", "normal", positive, negative, latent, 1.0, vae, subject, style,
-                    clip, m, 1.0, 1.0, 1.0, mode, 0.0, 1.0, 1, dino, decoder)
+                    clip, m, 1.0, 1.0, 1.0, mode, 0.0, 1.0, 1, dino, decoder, decode_size)
 
-    for _, m, mode, decoder in variants:  # warm-up: loading, decoder copies, first-call allocations
-        run(1, m, mode, decoder)
+    for _, *settings in variants:  # warm-up: loading, decoder copies, first-call allocations
+        run(1, *settings)
     results = {name: (float("inf"), 0.0) for name, *_ in variants}
     for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every variant
-        for name, m, mode, decoder in variants:
+        for name, *settings in variants:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            run(args.steps, m, mode, decoder)
+            run(args.steps, *settings)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             seconds = (time.perf_counter() - start) / args.steps

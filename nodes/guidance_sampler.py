@@ -43,6 +43,14 @@ def check_decoder(model, vae, what: str) -> None:
                          "latents; connect the VAE (or TAESD) that belongs to this checkpoint.")
 
 
+def latent_side(vae, pixels: int) -> int | None:
+    """The latent side that decodes to `pixels` (None for 0 = full resolution)."""
+    if not pixels:
+        return None
+    ratio = getattr(vae, "downscale_ratio", 8)
+    return max(1, -(-pixels // (ratio if isinstance(ratio, int) else 8)))
+
+
 class PosteriorMetricGuidanceSampler:
     @classmethod
     def INPUT_TYPES(cls):
@@ -65,6 +73,7 @@ class PosteriorMetricGuidanceSampler:
             "optional": {
                 "dino_encoder": (ENCODER_TYPE, {"tooltip": "A DINO image encoder (Load P-LoRA DINO Encoder); needed when dino_style_weight > 0."}),
                 "guidance_decoder": ("VAE", {"tooltip": "Optional cheap decoder for guidance only, e.g. TAESD (Load VAE -> taesd / taesdxl / taef1). The final image still uses your VAE."}),
+                "guidance_decode_size": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": "Decode the predicted image for scoring at most this many pixels on its shorter side (the encoders see 224 px). 0 = full resolution, as the paper; 256 makes guidance with the full VAE several times cheaper at 1024 px."}),
             },
         }
 
@@ -83,7 +92,7 @@ class PosteriorMetricGuidanceSampler:
     def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
                vae, subject_reference, style_reference, clip_encoder, guidance_scale, clip_subject_weight,
                clip_style_weight, dino_style_weight, gradient_mode, guidance_start, guidance_end, guide_every,
-               dino_encoder=None, guidance_decoder=None):
+               dino_encoder=None, guidance_decoder=None, guidance_decode_size=0):
         if guidance_scale == 0:
             return (host.run_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                       latent_image, denoise), "guidance_scale is 0: plain sampling")
@@ -101,7 +110,8 @@ class PosteriorMetricGuidanceSampler:
         window = GuidanceWindow(tuple(float(s) for s in sigmas), guidance_start, guidance_end, guide_every)
         guidance = ScoreGuidance(differentiable_decoder(decoder_vae), clip_encoder,
                                  dino_encoder if dino_style_weight > 0 else None, refs, weights, guidance_scale,
-                                 window, gradient_mode, host.is_flow_model(model), cfg)
+                                 window, gradient_mode, host.is_flow_model(model), cfg,
+                                 latent_side(decoder_vae, guidance_decode_size))
         guided = model.clone()
         if gradient_mode == EXACT:
             enable_denoiser_backward(guided)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..plora_core.guidance import GuidanceWindow, guided_denoised
+from ..plora_core.guidance import GuidanceWindow, guided_denoised, shrink_latent
 from ..plora_core.scores import ReferenceEmbeddings, metric_residual
 from .exact_gradient import DenoiserGradient
 from .trainable_copy import frozen_normal_copy
@@ -49,7 +49,7 @@ class ScoreGuidance:
 
     def __init__(self, decoder: torch.nn.Module, clip_encoder, dino_encoder, refs: ReferenceEmbeddings,
                  weights: tuple[float, float, float], m: float, window: GuidanceWindow, mode: str, flow: bool,
-                 cfg: float):
+                 cfg: float, decode_latent_side: int | None = None):
         self.decoder = decoder
         self.clip_encoder = clip_encoder
         self.dino_encoder = dino_encoder
@@ -59,6 +59,7 @@ class ScoreGuidance:
         self.window = window
         self.mode = mode
         self.flow = flow
+        self.decode_latent_side = decode_latent_side
         self.record = GuidanceRecord()
         self.exact = DenoiserGradient(cfg, self.is_guided_sigma) if mode == EXACT else None
 
@@ -71,7 +72,7 @@ class ScoreGuidance:
 
     def score(self, x0_model_space: torch.Tensor, base_model) -> tuple[torch.Tensor, dict]:
         """R(x0_hat) per sample, Eq. 16-19, through the decoder (differentiable, no clamp)."""
-        latent = base_model.process_latent_out(x0_model_space)
+        latent = shrink_latent(base_model.process_latent_out(x0_model_space), self.decode_latent_side)
         decoder_dtype = next(self.decoder.parameters()).dtype
         pixels = self.decoder.decode(latent.to(decoder_dtype))  # [B, 3, H, W] in [-1, 1]
         images = (pixels.float() + 1.0) / 2.0

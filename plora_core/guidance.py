@@ -42,6 +42,20 @@ def guided_denoised(denoised: torch.Tensor, grad: torch.Tensor, m: float, sigma:
     return denoised + denoised_correction(shift_next, sigma, sigma_next).to(denoised.dtype)
 
 
+def shrink_latent(latent: torch.Tensor, max_side: int | None) -> torch.Tensor:
+    """Area-downsample a [B, C, H, W] latent so its shorter side is at most max_side (None: as is).
+
+    The encoders look at 224-px images, so decoding x0_hat at, say, 256 px instead of 1024 px
+    changes little in the score and cuts the decoder's cost (and its backward) by up to 16x.
+    The gradient flows back through the downsampling to every latent pixel.
+    """
+    if not max_side or min(latent.shape[-2:]) <= max_side:
+        return latent
+    scale = max_side / min(latent.shape[-2:])
+    size = [max(1, round(side * scale)) for side in latent.shape[-2:]]
+    return torch.nn.functional.interpolate(latent, size=size, mode="area")
+
+
 @dataclass(frozen=True)
 class GuidanceWindow:
     """Which steps of a schedule are guided: a [start, end) fraction of the steps, every n-th."""

@@ -245,3 +245,13 @@ def test_exact_mode_reusing_the_samplers_forward_equals_recomputing_it(pack, enc
     again, _ = run(pack, model, vae, encoders, references, mode="exact")
     assert len(recomputed) >= STEPS
     assert torch.allclose(reused["samples"], again["samples"], rtol=1e-4, atol=1e-4)
+
+
+def test_guidance_decode_size_decodes_a_smaller_image(pack, encoders, references):
+    model, vae = tiny_sd15(), tiny_vae()
+    full, _ = run(pack, model, vae, encoders, references)
+    small, log = run(pack, model, vae, encoders, references, guidance_decode_size=16)
+    assert len(log.splitlines()) == STEPS
+    assert not torch.allclose(full["samples"], small["samples"])
+    assert pack.nodes.guidance_sampler.latent_side(vae, 16) == 2
+    assert pack.nodes.guidance_sampler.latent_side(vae, 0) is None
