@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--latent", type=int, default=64)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant; the fastest counts")
+    parser.add_argument("--skip", action="append", default=[], metavar="VARIANT",
+                        help="leave a variant out, e.g. --skip exact (its activations need much memory on a CPU)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("plora").setLevel(logging.WARNING)  # no per-run guidance log in the timings
@@ -107,6 +109,7 @@ def main() -> None:
     variants = [("plain", 0.0, "fast", None, 0), ("fast + VAE", 10.0, "fast", None, 0),
                 ("fast + VAE 256px", 10.0, "fast", None, 256), ("fast + TAESD", 10.0, "fast", taesd, 0),
                 ("exact + TAESD", 10.0, "exact", taesd, 0)]
+    variants = [v for v in variants if not any(word in v[0] for word in args.skip)]
     def run(steps, m, mode, decoder, decode_size):
         latent = {"samples": torch.zeros(1, 4, args.latent, args.latent)}
         node.sample(model, 0, steps, 7.0, "euler", "normal", positive, negative, latent, 1.0, vae, subject, style,
