@@ -57,7 +57,6 @@ class ScoreGuidance:
         self.weights = weights
         self.m = m
         self.window = window
-        self.mode = mode
         self.flow = flow
         self.decode_latent_side = decode_latent_side
         self.record = GuidanceRecord()
