@@ -14,10 +14,10 @@ from typing import Callable
 
 import torch
 
+from ..plora_core.recorder import COND, UNCOND
 from .trainable_copy import copy_tensors_as_saved
 
 logger = logging.getLogger("plora")
-COND, UNCOND = 0, 1
 
 
 def normal_tensors(value):

@@ -85,7 +85,7 @@ class LayerDelta:
         low_rank, dense, bias = self._on(x.device, x.dtype)
         g = self.geometry
         out = None
-        if dense or bias is not None:
+        if dense is not None or bias is not None:
             out = self._apply_dense(x, dense, bias)
         for part in low_rank:
             piece = self._apply_low_rank(x, part)
@@ -102,21 +102,19 @@ class LayerDelta:
 
     def _apply_low_rank(self, x: torch.Tensor, part: LowRankPart) -> torch.Tensor:
         g = self.geometry
+        # `part` comes from _on(), where the scale is already folded into `up`
         if g.kind == "linear":
-            return F.linear(F.linear(x, part.down), part.up) * part.scale if part.scale != 1.0 else \
-                F.linear(F.linear(x, part.down), part.up)
+            return F.linear(F.linear(x, part.down), part.up)
         conv = g.conv_fn()
         if part.mid is None:
             hidden = conv(x, part.down, None, g.stride, g.padding, g.dilation)
         else:
             hidden = conv(conv(x, part.down), part.mid, None, g.stride, g.padding, g.dilation)
-        out = conv(hidden, part.up)
-        return out * part.scale if part.scale != 1.0 else out
+        return conv(hidden, part.up)
 
-    def _apply_dense(self, x: torch.Tensor, dense: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+    def _apply_dense(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
         g = self.geometry
-        weight = dense[0] if len(dense) == 1 else (torch.stack(dense).sum(0) if dense else None)
-        if weight is None:
+        if weight is None:  # a bias diff alone: needs the output's shape, which only a zero-weight pass gives
             shape = [g.out_channels, g.in_channels // g.groups, *g.kernel_size]
             weight = x.new_zeros(shape if g.kind == "conv" else shape[:2])
         if g.kind == "linear":
@@ -124,7 +122,11 @@ class LayerDelta:
         return g.conv_fn()(x, weight, bias, g.stride, g.padding, g.dilation, g.groups)
 
     def _on(self, device: torch.device, dtype: torch.dtype):
-        """The parts cast to the input's device and dtype, cached (factors are tiny)."""
+        """The parts cast to the input's device and dtype, cached (factors are tiny).
+
+        Scales are folded into `up` and dense parts summed into one weight here, once, so a
+        call does no per-part arithmetic on the layer output.
+        """
         key = (device, dtype)
         if key not in self._cache:
             def cast(t):
@@ -132,7 +134,8 @@ class LayerDelta:
             # the scale is folded into `up` once, saving a pass over the layer output per call
             low_rank = [LowRankPart(cast(p.up * p.scale), cast(p.down), 1.0, cast(p.mid), p.rows)
                         for p in self.low_rank]
-            self._cache[key] = (low_rank, [cast(p.weight) for p in self.dense], cast(self.bias))
+            dense = cast(torch.stack([p.weight for p in self.dense]).sum(0)) if self.dense else None
+            self._cache[key] = (low_rank, dense, cast(self.bias))
         return self._cache[key]
 
 

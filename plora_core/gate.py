@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from .divergence import get_divergence, kl_from_log_probs, log_distribution
+from .divergence import get_divergence
 
 
 def feature_divergences(base: torch.Tensor, subject_out: torch.Tensor, style_out: torch.Tensor,
                         criterion: str, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d_c, d_s) per sample, Eq. 11-12: how far each LoRA moved the layer's distribution.
-
-    For KL the base log-distribution is computed once and shared by both terms.
-    """
-    if criterion == "kl":
-        log_base = log_distribution(base, channel_dim)
-        d_subject = kl_from_log_probs(log_distribution(subject_out, channel_dim), log_base, channel_dim)
-        d_style = kl_from_log_probs(log_distribution(style_out, channel_dim), log_base, channel_dim)
-        return d_subject, d_style
+    """(d_c, d_s) per sample, Eq. 11-12: how far each LoRA moved the layer's distribution."""
     divergence = get_divergence(criterion)
     return divergence(subject_out, base, channel_dim), divergence(style_out, base, channel_dim)
 

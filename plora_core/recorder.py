@@ -29,13 +29,11 @@ class SelectionRecorder:
 
     decisions: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     by_kind: dict[tuple[int, str, int], torch.Tensor] = field(default_factory=dict)
-    sigmas: dict[int, float] = field(default_factory=dict)
     layer_order: dict[str, None] = field(default_factory=dict)
 
     def clear(self) -> None:
         self.decisions.clear()
         self.by_kind.clear()
-        self.sigmas.clear()
         self.layer_order.clear()
 
     def record(self, step: int, layer: str, subject_mask: torch.Tensor,
@@ -114,7 +112,6 @@ class GateState:
             self.step = int((sample_sigmas.float().cpu() > sigma * (1 + 1e-5) + 1e-9).sum())
         self.sigma = sigma
         self.active = self.sigma_low <= sigma <= self.sigma_high
-        self.recorder.sigmas[self.step] = sigma
         self.cond_or_uncond = None if cond_or_uncond is None else list(cond_or_uncond)
 
     def record(self, layer: str, subject_mask: torch.Tensor) -> None:
