@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..plora_core.deltas import DensePart, LayerDelta, LayerGeometry, LowRankPart, normalise_factors
-from ..plora_core.gated_layer import GatedForward
+from ..plora_core.gated_layer import GatedForward, RowSlice
 from ..plora_core.lora_file import LoraFile
 from ..plora_core.recorder import GateState
 from . import host
@@ -44,9 +44,20 @@ class SubjectStyleLoras:
 
 
 def layer_delta(patches: ModulePatches, choice: LoraChoice, geometry: LayerGeometry,
-                module: torch.nn.Module) -> LayerDelta:
-    """One LoRA's delta on one layer: factored where it can be, dense (via the host) otherwise."""
+                module: torch.nn.Module, model_patcher=None) -> LayerDelta:
+    """One LoRA's delta on one layer: factored where it can be, dense (via the host) otherwise.
+
+    Dense deltas (DoRA's above all) depend on W0: with `model_patcher` given it is read without
+    patches another clone may have merged into the shared weights.
+    """
     delta = LayerDelta(geometry)
+
+    def base(param: str) -> torch.Tensor:
+        current = getattr(module, param)
+        if model_patcher is None:
+            return current
+        return host.unpatched_parameter(model_patcher, f"{patches.path}.{param}", current)
+
     layer = f"{patches.path} (LoRA {choice.name})"
     for patch, offset, function in patches.weight:
         factors = host.lora_factors(patch) if function is None else None
@@ -58,12 +69,12 @@ def layer_delta(patches: ModulePatches, choice: LoraChoice, geometry: LayerGeome
             mid = None if mid is None else mid.float()
             delta.low_rank.append(LowRankPart(up.float(), down.float(), scale, mid, rows))
         else:
-            dense = host.dense_delta(patch, choice.strength, module.weight, f"{patches.path}.weight", offset, function)
+            dense = host.dense_delta(patch, choice.strength, base("weight"), f"{patches.path}.weight", offset, function)
             delta.dense.append(DensePart(dense))
     for patch, offset, function in patches.bias:
         if module.bias is None:
             raise ValueError(f"Layer {layer}: the LoRA changes a bias this layer does not have.")
-        bias = host.dense_delta(patch, choice.strength, module.bias, f"{patches.path}.bias", offset, function)
+        bias = host.dense_delta(patch, choice.strength, base("bias"), f"{patches.path}.bias", offset, function)
         delta.bias = bias if delta.bias is None else delta.bias + bias
     return delta
 
@@ -85,6 +96,38 @@ def check_merged_shapes(model_patcher, mapped: MappedLora) -> None:
                     f"{tuple(down.shape)} do not fit the layer's weight {tuple(module.weight.shape)}. The LoRA "
                     "was probably trained for another base model; pick one made for this checkpoint."
                 )
+
+
+def fused_row_slices(key_map: dict, path: str, out_channels: int) -> tuple[RowSlice, ...]:
+    """The row slices ComfyUI's key map cuts a fused layer into (Flux qkv: to_q, to_k, to_v;
+    linear1: to_q, to_k, to_v, proj_mlp), named after the separate layers of the diffusers model.
+
+    Empty for an ordinary layer. Rows no slice covers form slices of their own, so every output
+    channel is gated exactly once.
+    """
+    weight_key = f"{path}.weight"
+    found: dict[tuple[int, int], str] = {}
+    for lora_key, target in key_map.items():
+        if isinstance(target, str) or target[0] != weight_key or target[1] is None or target[1][0] != 0:
+            continue
+        span = (int(target[1][1]), int(target[1][2]))
+        name = lora_key.rpartition(".")[2]  # diffusers names end in the layer's own name
+        if "." in lora_key and (span not in found or len(name) < len(found[span])):
+            found[span] = name
+        found.setdefault(span, lora_key)
+    if not found:
+        return ()
+    slices, cursor = [], 0
+    for (start, length), name in sorted(found.items()):
+        if start < cursor:  # overlapping spans: not a partition the gate can use
+            return ()
+        if start > cursor:
+            slices.append(RowSlice(f"rows {cursor}-{start - 1}", cursor, start - cursor))
+        slices.append(RowSlice(name, start, length))
+        cursor = start + length
+    if cursor < out_channels:
+        slices.append(RowSlice(f"rows {cursor}-{out_channels - 1}", cursor, out_channels - cursor))
+    return tuple(slices)
 
 
 def _merge_patches(model_patcher, mapped: MappedLora, strength: float, skip_modules: set[str]) -> None:
@@ -127,13 +170,15 @@ def build_gated_model(model, pair: SubjectStyleLoras, criterion: str = "kl", sty
     state = GateState(sigma_high=float(sampling.percent_to_sigma(start_percent)),
                       sigma_low=float(sampling.percent_to_sigma(end_percent)))
     gates = {}
+    key_map = host.unet_key_map(model) if shared else {}
     for path in sorted(shared):
         module = host.get_module(model, path)
         geometry = LayerGeometry.of_module(module)
-        subject = layer_delta(mapped[id(pair.subject)].modules[path], pair.subject, geometry, module)
-        style = layer_delta(mapped[id(pair.style)].modules[path], pair.style, geometry, module)
+        subject = layer_delta(mapped[id(pair.subject)].modules[path], pair.subject, geometry, module, model)
+        style = layer_delta(mapped[id(pair.style)].modules[path], pair.style, geometry, module, model)
         original = model.get_model_object(f"{path}.forward")
-        gates[path] = GatedForward(path, original, subject, style, state, criterion, style_bias)
+        row_slices = fused_row_slices(key_map, path, geometry.out_channels)
+        gates[path] = GatedForward(path, original, subject, style, state, criterion, style_bias, row_slices)
 
     patched = model.clone()
     for choice in active:

@@ -102,6 +102,16 @@ def apply_lora_to_clip(clip, tensors: dict, strength: float):
     return comfy.sd.load_lora_for_models(None, clip, tensors, 0.0, strength)[1]
 
 
+def unpatched_parameter(model_patcher, key: str, current: torch.Tensor) -> torch.Tensor:
+    """A parameter as the checkpoint has it, without another clone's merged LoRA patches.
+
+    Clones share the model: after a sampler ran a LoraLoader clone, its patches stay applied in
+    place until ComfyUI unloads it, and the originals wait in the backup the clones share.
+    """
+    saved = model_patcher.backup.get(key)
+    return current if saved is None else saved.weight
+
+
 def get_module(model_patcher, path: str) -> torch.nn.Module:
     return comfy.utils.get_attr(model_patcher.model, path)
 

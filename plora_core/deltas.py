@@ -125,12 +125,18 @@ class LayerDelta:
         """The parts cast to the input's device and dtype, cached (factors are tiny).
 
         Scales are folded into `up` and dense parts summed into one weight here, once, so a
-        call does no per-part arithmetic on the layer output.
+        call does no per-part arithmetic on the layer output. Tensors made under inference mode
+        (ComfyUI runs every node in it) cannot be saved for backward, so calls made outside it
+        (exact score guidance differentiates through the gate) get their own normal-tensor copies.
         """
-        key = (device, dtype)
+        inference = torch.is_inference_mode_enabled()
+        key = (device, dtype, inference)
         if key not in self._cache:
             def cast(t):
-                return None if t is None else t.to(device=device, dtype=dtype)
+                if t is None:
+                    return None
+                cast_tensor = t.to(device=device, dtype=dtype)
+                return cast_tensor.clone() if cast_tensor.is_inference() and not inference else cast_tensor
             # the scale is folded into `up` once, saving a pass over the layer output per call
             low_rank = [LowRankPart(cast(p.up * p.scale), cast(p.down), 1.0, cast(p.mid), p.rows)
                         for p in self.low_rank]

@@ -47,7 +47,45 @@ def test_flux_fused_layers_are_gated_with_row_slices(pack, tmp_path):
     assert not torch.allclose(fused, flux_sample(model), atol=1e-4)
     state = pack.nodes.gating.gate_state_of(patched)
     assert state.recorder.steps() == [0, 1, 2]
-    assert len(state.recorder.layers()) == 2
+    # one decision per row slice, as the paper's diffusers Flux has separate layers
+    qkv, linear1 = "diffusion_model.double_blocks.0.img_attn.qkv", "diffusion_model.single_blocks.0.linear1"
+    assert state.recorder.layers() == [f"{qkv}[to_q]", f"{qkv}[to_k]", f"{qkv}[to_v]", f"{linear1}[to_q]",
+                                       f"{linear1}[to_k]", f"{linear1}[to_v]", f"{linear1}[proj_mlp]"]
+
+
+def single_projection_lora(file, name, seed, rank=4):
+    """A diffusers-format Flux LoRA on one projection of the double block's image attention."""
+    generator = torch.Generator().manual_seed(seed)
+    key = f"transformer.transformer_blocks.0.attn.{name}"
+    save_file({f"{key}.lora_A.weight": torch.randn(rank, HIDDEN, generator=generator),
+               f"{key}.lora_B.weight": torch.randn(HIDDEN, rank, generator=generator)}, str(file))
+    return file
+
+
+def test_subject_on_q_and_style_on_v_of_one_fused_layer_are_both_applied(pack, tmp_path):
+    """Gated as one unit, the fused qkv would pass on only one LoRA; gated per slice, q takes the
+    subject's rows and v the style's, which is exactly both LoRAs merged (they touch disjoint rows)."""
+    model = tiny_flux()
+    subject = single_projection_lora(tmp_path / "q.safetensors", "to_q", seed=4)
+    style = single_projection_lora(tmp_path / "v.safetensors", "to_v", seed=5)
+    pair, _ = pack.nodes.LoadSubjectStyleLoRA().load(str(subject), 1.0, str(style), 1.0)
+    patched = pack.nodes.PLoRAModelPatcher().patch(model, pair, "kl", 1.0, 0.0, 1.0)[0]
+    assert list(patched.object_patches) == ["diffusion_model.double_blocks.0.img_attn.qkv.forward"]
+
+    import comfy.sd
+    from plora_pack.plora_core.lora_file import read_lora_file
+
+    both = model
+    for file in (subject, style):  # ComfyUI's own merge, as two LoraLoaders
+        both = comfy.sd.load_lora_for_models(both, None, read_lora_file(str(file)).tensors, 1.0, 0.0)[0]
+    fused, merged, base = flux_sample(patched), flux_sample(both), flux_sample(model)
+    assert not torch.allclose(merged, base, atol=1e-3)
+    assert torch.allclose(fused, merged, atol=1e-4, rtol=1e-4)
+    state = pack.nodes.gating.gate_state_of(patched)
+    qkv = "diffusion_model.double_blocks.0.img_attn.qkv"
+    for step in state.recorder.steps():
+        assert bool(state.recorder.decisions[(step, f"{qkv}[to_q]")].all())  # the subject's rows
+        assert not bool(state.recorder.decisions[(step, f"{qkv}[to_v]")].any())  # the style's rows
 
 
 @pytest.mark.parametrize("dim", [0])
