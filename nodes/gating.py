@@ -115,10 +115,14 @@ def fused_row_slices(key_map: dict, path: str, out_channels: int) -> tuple[RowSl
         if "." in lora_key and (span not in found or len(name) < len(found[span])):
             found[span] = name
         found.setdefault(span, lora_key)
-    if not found:
+    # keep the finest cut: newer ComfyUI also maps e.g. `linear1_qkv` onto the union of q, k and v
+    finest = {span: name for span, name in found.items()
+              if not any(other != span and span[0] <= other[0] and other[0] + other[1] <= span[0] + span[1]
+                         for other in found)}
+    if not finest:
         return ()
     slices, cursor = [], 0
-    for (start, length), name in sorted(found.items()):
+    for (start, length), name in sorted(finest.items()):
         if start < cursor:  # overlapping spans: not a partition the gate can use
             return ()
         if start > cursor:
