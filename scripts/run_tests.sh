@@ -1,17 +1,46 @@
 #!/usr/bin/env bash
 # Sets up what the tests need on a fresh machine and runs them: `bash scripts/run_tests.sh`.
 # Extra arguments go to pytest (e.g. `bash scripts/run_tests.sh tests/core -q`).
+#
+# Everything is installed into a virtual environment of the tests' own (default
+# ~/.cache/plora-tests/venv-<python version>, or $PLORA_TEST_VENV), never into the Python that
+# runs it: the 2024 ComfyUI core the host tier uses (PyPI's `notcomfy`) installs top-level
+# `comfy`, `comfy_execution` and `comfy_extras` packages, which would shadow a ComfyUI
+# checkout's own folders of those names in any environment that holds ComfyUI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
-# torch + torchvision (open_clip needs torchvision); ComfyUI users already have both.
-if ! "$PYTHON" -c "import torch, torchvision" >/dev/null 2>&1; then
-  "$PYTHON" -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+version=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+VENV=${PLORA_TEST_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/plora-tests/venv-$version}
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "Creating the tests' own virtual environment in $VENV" >&2
+  mkdir -p "$(dirname "$VENV")"
+  if ! "$PYTHON" -m venv "$VENV"; then
+    echo "Could not create a virtual environment with $PYTHON (Debian/Ubuntu: apt-get install python3-venv)." >&2
+    exit 2
+  fi
 fi
-"$PYTHON" -m pip install --quiet -r requirements-test.txt
-# ComfyUI's comfy package (2024 core) for the host tier; its declared deps would pull another torch.
-"$PYTHON" -m pip install --quiet --no-deps "notcomfy==0.1.0"
+VPY="$VENV/bin/python"
+case "$("$VPY" -c 'import sys; print(sys.prefix)')" in
+  "$("$PYTHON" -c 'import sys; print(sys.prefix)')")
+    echo "Refusing to install into $PYTHON's own environment; set PLORA_TEST_VENV to a new folder." >&2
+    exit 2 ;;
+esac
 
-"$PYTHON" -m ruff check .
-exec "$PYTHON" -m pytest "$@"
+# torch + torchvision (open_clip needs torchvision), then the test requirements
+if ! "$VPY" -c "import torch, torchvision" >/dev/null 2>&1; then
+  "$VPY" -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+fi
+"$VPY" -m pip install --quiet -r requirements-test.txt
+# ComfyUI's comfy package (2024 core) for the host tier; its declared deps would pull another torch.
+"$VPY" -m pip install --quiet --no-deps "notcomfy==0.1.0"
+# With a full ComfyUI checkout, the server tier runs it with this environment's Python: its
+# requirements (torch and torchaudio aside) and playwright for the browser tier go here too.
+if [ -n "${COMFYUI_PATH:-}" ] && [ -f "$COMFYUI_PATH/requirements.txt" ]; then
+  grep -v -E '^(torch|torchaudio|torchvision)([^a-z_-]|$)' "$COMFYUI_PATH/requirements.txt" > "$VENV/comfyui-requirements.txt"
+  "$VPY" -m pip install --quiet -r "$VENV/comfyui-requirements.txt" playwright
+fi
+
+"$VPY" -m ruff check .
+exec "$VPY" -m pytest "$@"
