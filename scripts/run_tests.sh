@@ -39,7 +39,8 @@ fi
 # requirements (torch and torchaudio aside) and playwright for the browser tier go here too.
 if [ -n "${COMFYUI_PATH:-}" ] && [ -f "$COMFYUI_PATH/requirements.txt" ]; then
   grep -v -E '^(torch|torchaudio|torchvision)([^a-z_-]|$)' "$COMFYUI_PATH/requirements.txt" > "$VENV/comfyui-requirements.txt"
-  "$VPY" -m pip install --quiet -r "$VENV/comfyui-requirements.txt" playwright
+  # (requests: ComfyUI's frontend manager imports it without listing it)
+  "$VPY" -m pip install --quiet -r "$VENV/comfyui-requirements.txt" playwright requests
 fi
 
 "$VPY" -m ruff check .

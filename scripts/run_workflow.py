@@ -260,6 +260,14 @@ def main(argv=None) -> int:
         logger.error(describe_refusal(error.body, labels))
         return 1
     prompt_id = answer["prompt_id"]
+    if answer.get("node_errors"):
+        # ComfyUI queued the outputs that do not depend on the refused nodes; take them back off the queue
+        logger.error(describe_refusal(answer, labels))
+        try:
+            request(f"{url}/queue", {"delete": [prompt_id]})
+        except (ServerError, OSError):
+            pass
+        return 1
     logger.info("queued %s as %s", args.workflow.name, prompt_id)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     failure = None

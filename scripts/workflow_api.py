@@ -35,6 +35,11 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
                     inputs[name] = [str(link[1]), link[2]]
                 elif is_widget(input_spec):
                     if not values:
+                        options = input_spec[1] if len(input_spec) > 1 and isinstance(input_spec[1], dict) else {}
+                        if section == "optional" and "default" in options:
+                            # saved before this optional widget existed: the frontend also fills its default
+                            inputs[name] = options["default"]
+                            continue
                         raise ValueError(f"node {node['id']} ({node['type']}) has too few widget values for {name}")
                     inputs[name] = values.pop(0)
                     if has_control_widget(name, input_spec):
