@@ -15,7 +15,8 @@ import torch
 
 from ..plora_core.deltas import DensePart, LayerDelta, LayerGeometry, LowRankPart, normalise_factors
 from ..plora_core.gated_layer import GatedForward, RowSlice
-from ..plora_core.lora_file import LoraFile
+from ..plora_core.lora_file import LoraFile, LoraFileError
+from ..plora_core.lora_info import families_compatible, lora_family
 from ..plora_core.recorder import GateState
 from . import host
 from .lora_mapping import MappedLora, ModulePatches, map_lora_onto_model
@@ -77,6 +78,15 @@ def layer_delta(patches: ModulePatches, choice: LoraChoice, geometry: LayerGeome
         bias = host.dense_delta(patch, choice.strength, base("bias"), f"{patches.path}.bias", offset, function)
         delta.bias = bias if delta.bias is None else delta.bias + bias
     return delta
+
+
+def family_mismatch(model_patcher, lora: LoraFile) -> str | None:
+    """The family message for a LoRA whose layers do not fit, when its file says another family."""
+    family, model_family = lora_family(lora.tensors, lora.metadata), host.model_family(model_patcher)
+    if families_compatible(family, model_family):
+        return None
+    return (f"LoRA file {lora.name} is a {family} LoRA but the model is {model_family}, so its layers do not fit. "
+            f"Pick a LoRA trained for {model_family}, or load a {family} checkpoint.")
 
 
 def check_merged_shapes(model_patcher, mapped: MappedLora) -> None:
@@ -164,25 +174,31 @@ def build_gated_model(model, pair: SubjectStyleLoras, criterion: str = "kl", sty
     if not active:
         return model
     mapped = {id(c): map_lora_onto_model(model, c.file) for c in active}
-    for choice in active:
-        check_merged_shapes(model, mapped[id(choice)])
     shared: set[str] = set()
     if len(active) == 2:
         shared = set(mapped[id(pair.subject)].modules) & set(mapped[id(pair.style)].modules)
-
     sampling = model.get_model_object("model_sampling")
     state = GateState(sigma_high=float(sampling.percent_to_sigma(start_percent)),
                       sigma_low=float(sampling.percent_to_sigma(end_percent)))
-    gates = {}
-    key_map = host.unet_key_map(model) if shared else {}
-    for path in sorted(shared):
-        module = host.get_module(model, path)
-        geometry = LayerGeometry.of_module(module)
-        subject = layer_delta(mapped[id(pair.subject)].modules[path], pair.subject, geometry, module, model)
-        style = layer_delta(mapped[id(pair.style)].modules[path], pair.style, geometry, module, model)
-        original = model.get_model_object(f"{path}.forward")
-        row_slices = fused_row_slices(key_map, path, geometry.out_channels)
-        gates[path] = GatedForward(path, original, subject, style, state, criterion, style_bias, row_slices)
+    try:
+        for choice in active:
+            check_merged_shapes(model, mapped[id(choice)])
+        gates = {}
+        key_map = host.unet_key_map(model) if shared else {}
+        for path in sorted(shared):
+            module = host.get_module(model, path)
+            geometry = LayerGeometry.of_module(module)
+            subject = layer_delta(mapped[id(pair.subject)].modules[path], pair.subject, geometry, module, model)
+            style = layer_delta(mapped[id(pair.style)].modules[path], pair.style, geometry, module, model)
+            original = model.get_model_object(f"{path}.forward")
+            row_slices = fused_row_slices(key_map, path, geometry.out_channels)
+            gates[path] = GatedForward(path, original, subject, style, state, criterion, style_bias, row_slices)
+    except ValueError as error:
+        for choice in active:
+            mismatch = family_mismatch(model, choice.file)
+            if mismatch and f"LoRA {choice.name})" in str(error):
+                raise LoraFileError(mismatch) from error
+        raise
 
     patched = model.clone()
     for choice in active:
