@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from ..plora_core.guidance import GuidanceWindow
+from ..plora_core.guidance import SAMPLER_UNITS, UNITS, VP_UNITS, GuidanceWindow, sampler_step
 from ..plora_core.image_preprocess import to_nchw
 from ..plora_core.scores import embed_references
 from . import host
@@ -16,23 +16,15 @@ from .score_guidance import EXACT, FAST, ScoreGuidance, differentiable_decoder
 logger = logging.getLogger("plora")
 
 
-def normal_tensor_copy(weight: torch.Tensor) -> torch.Tensor:
-    """Identity weight wrapper: a copy that autograd may save (ComfyUI's weights are inference tensors)."""
-    return weight.clone()
-
-
-def enable_denoiser_backward(model) -> None:
-    """Exact mode backprops through the denoiser; make its weights usable by autograd on the clone."""
-    diffusion_model = model.model.diffusion_model
-    if not any(p.is_inference() for p in diffusion_model.parameters()):
-        return
-    if not hasattr(model, "add_weight_wrapper"):
-        raise ValueError("gradient_mode 'exact' needs ComfyUI 0.3 or newer for this model (its weights were loaded "
-                         "under inference mode). Use gradient_mode 'fast', or update ComfyUI.")
-    for name, _ in model.model.named_parameters():
-        if name.startswith("diffusion_model.") and name.endswith((".weight", ".bias")):
-            model.add_weight_wrapper(name, normal_tensor_copy)
-    model.force_cast_weights = True
+def sampling_parameters(model, sigmas: torch.Tensor, sampler_name: str) -> tuple[bool, float, float | None]:
+    """(flow model?, sigma_data, where the sampler evaluates step 0 if not at sigmas[0]) for the guidance."""
+    model_sampling = model.get_model_object("model_sampling")
+    flow = host.is_flow_model(model)
+    sigma_data = float(getattr(model_sampling, "sigma_data", 1.0))
+    alias = None
+    if flow and sampler_step(sampler_name).snr_offset and len(sigmas) > 1 and float(sigmas[0]) >= 1.0:
+        alias = float(model_sampling.percent_to_sigma(1e-4))  # ComfyUI's offset_first_sigma_for_snr
+    return flow, sigma_data, alias
 
 
 def check_decoder(model, vae, what: str) -> None:
@@ -61,11 +53,11 @@ class PosteriorMetricGuidanceSampler:
                 "subject_reference": ("IMAGE", {"tooltip": "Reference image(s) of the subject, e.g. rendered by the subject LoRA alone with the subject prompt (Eq. 14). One image serves the whole batch."}),
                 "style_reference": ("IMAGE", {"tooltip": "Reference image(s) of the style, e.g. rendered by the style LoRA alone with the style prompt (Eq. 15)."}),
                 "clip_encoder": (ENCODER_TYPE, {"tooltip": "A CLIP image encoder (Load P-LoRA CLIP Encoder)."}),
-                "guidance_scale": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "m of Eq. 20, in the paper's units (paper: 10). 0 samples exactly like KSampler."}),
+                "guidance_scale": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "m of Eq. 20 (paper: 10): each guided step moves the latent by -m * grad R, the gradient taken with respect to the sampler's own latent x, as in the paper's Euler sampler (see guidance_units). 0 samples exactly like KSampler."}),
                 "clip_subject_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip": "Weight of S_CLIP(subject reference) in the score (Eq. 16, 19)."}),
                 "clip_style_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip": "Weight of S_CLIP(style reference) in the score (Eq. 17, 19)."}),
                 "dino_style_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip": "Weight of S_DINO(style reference) in the score (Eq. 18, 19); 0 needs no DINO encoder."}),
-                "gradient_mode": ([FAST, EXACT], {"default": FAST, "tooltip": "fast: gradient w.r.t. the predicted clean image only (decoder + encoders, no denoiser backward). exact: through the denoiser, as Eq. 20 is written (slower, more memory)."}),
+                "gradient_mode": ([FAST, EXACT], {"default": FAST, "tooltip": "exact: the gradient through the denoiser, as Eq. 20 is written (one more backward through the diffusion model per guided step). fast: the gradient w.r.t. the predicted clean image (decoder + encoders only) times d x0_hat / d x_t of the optimal denoiser for Gaussian data, so both modes take steps of about the same size at the same guidance_scale."}),
                 "guidance_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "First guided step, as a fraction of the steps."}),
                 "guidance_end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Guidance stops at this fraction of the steps."}),
                 "guide_every": ("INT", {"default": 1, "min": 1, "max": 100, "tooltip": "Guide every n-th step inside the window (1 = every step)."}),
@@ -74,6 +66,7 @@ class PosteriorMetricGuidanceSampler:
                 "dino_encoder": (ENCODER_TYPE, {"tooltip": "A DINO image encoder (Load P-LoRA DINO Encoder); needed when dino_style_weight > 0."}),
                 "guidance_decoder": ("VAE", {"tooltip": "Optional cheap decoder for guidance only, e.g. TAESD (Load VAE -> taesd / taesdxl / taef1). The final image still uses your VAE."}),
                 "guidance_decode_size": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": "Decode the predicted image for scoring at most this many pixels on its shorter side (the encoders see 224 px). 0 = full resolution, as the paper; 256 makes guidance with the full VAE several times cheaper at 1024 px."}),
+                "guidance_units": (list(UNITS), {"default": SAMPLER_UNITS, "advanced": True, "tooltip": f"Units of guidance_scale. {SAMPLER_UNITS}: the latent moves by -m * grad_x R in the sampler's own x (the paper's Euler sampler; no conversion). {VP_UNITS}: Eq. 20 read in DDIM's variance-preserving coordinates, i.e. scaled by sqrt(1 + sigma_next^2) * sqrt(1 + sigma^2) for eps/v models (about 200x stronger at SDXL's first step; no change for flow models). For comparison."}),
             },
         }
 
@@ -92,7 +85,7 @@ class PosteriorMetricGuidanceSampler:
     def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
                vae, subject_reference, style_reference, clip_encoder, guidance_scale, clip_subject_weight,
                clip_style_weight, dino_style_weight, gradient_mode, guidance_start, guidance_end, guide_every,
-               dino_encoder=None, guidance_decoder=None, guidance_decode_size=0):
+               dino_encoder=None, guidance_decoder=None, guidance_decode_size=0, guidance_units=SAMPLER_UNITS):
         if guidance_scale == 0:
             return (host.run_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                       latent_image, denoise), "guidance_scale is 0: plain sampling")
@@ -100,6 +93,8 @@ class PosteriorMetricGuidanceSampler:
         if dino_style_weight > 0 and dino_encoder is None:
             raise ValueError("dino_style_weight is above 0 but no DINO encoder is connected: connect Load P-LoRA "
                              "DINO Encoder to dino_encoder, or set dino_style_weight to 0.")
+        if guidance_units not in UNITS:
+            raise ValueError(f"guidance_units must be one of {', '.join(UNITS)}, got {guidance_units!r}.")
         if guidance_start > guidance_end:
             raise ValueError(f"guidance_start ({guidance_start}) must not be after guidance_end ({guidance_end}).")
         decoder_vae = guidance_decoder if guidance_decoder is not None else vae
@@ -107,17 +102,14 @@ class PosteriorMetricGuidanceSampler:
         refs = embed_references(clip_encoder, dino_encoder if dino_style_weight > 0 else None,
                                 to_nchw(subject_reference), to_nchw(style_reference))
         sigmas = host.schedule_sigmas(model, steps, sampler_name, scheduler, denoise)
-        window = GuidanceWindow(tuple(float(s) for s in sigmas), guidance_start, guidance_end, guide_every)
+        flow, sigma_data, first_sigma_alias = sampling_parameters(model, sigmas, sampler_name)
+        window = GuidanceWindow(tuple(float(s) for s in sigmas), guidance_start, guidance_end, guide_every,
+                                first_sigma_alias)
         guidance = ScoreGuidance(differentiable_decoder(decoder_vae), clip_encoder,
                                  dino_encoder if dino_style_weight > 0 else None, refs, weights, guidance_scale,
-                                 window, gradient_mode, host.is_flow_model(model), cfg,
-                                 latent_side(decoder_vae, guidance_decode_size))
-        guided = model.clone()
-        if gradient_mode == EXACT:
-            enable_denoiser_backward(guided)
-            previous = guided.model_options.get("model_function_wrapper")
-            guided.set_model_unet_function_wrapper(guidance.exact.model_call_wrapper(previous))
-        guided.set_model_sampler_post_cfg_function(guidance)
+                                 window, gradient_mode, flow, cfg, latent_side(decoder_vae, guidance_decode_size),
+                                 units=guidance_units, sampler=sampler_name, sigma_data=sigma_data)
+        guided = guidance.install(model)
         latent = host.run_ksampler(guided, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                    latent_image, denoise)
         log = guidance.record.summary()

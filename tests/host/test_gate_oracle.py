@@ -81,5 +81,6 @@ def test_style_bias_zero_is_the_subject_alone_and_a_huge_one_the_style_alone(pac
     assert sorted(k[: -len(".forward")] for k in gated_subject.object_patches) == sorted(shapes)
     assert torch.allclose(sample(gated_subject), subject_only, rtol=1e-4, atol=1e-5)
 
-    gated_style = patcher.patch(model, pair, "kl", 1e20, 0.0, 1.0)[0]
+    # past the node's input range (0-10), so through the function behind it
+    gated_style = pack.nodes.gating.build_gated_model(model, pair, "kl", style_bias=1e20)
     assert torch.allclose(sample(gated_style), style_only, rtol=1e-4, atol=1e-5)
