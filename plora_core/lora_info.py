@@ -45,6 +45,9 @@ def family_from_keys(tensors: dict) -> str:
         return "Flux"
     if "joint_blocks" in joined or "context_block" in joined:
         return "SD3"
+    dit = _dit_family_from_width(tensors)
+    if dit:
+        return dit
     for key in keys:
         if ("attn2_to_k" in key or "attn2.to_k" in key) and key.endswith(_DOWN_SUFFIXES):
             shape = _shape(tensors[key])
@@ -56,6 +59,22 @@ def family_from_keys(tensors: dict) -> str:
     if "lora_te_" in joined or "lora_unet_" in joined or "unet." in joined:
         return "SD1.5 or SDXL"
     return "unknown"
+
+
+# Hidden width of a diffusers-named DiT's attention (`transformer_blocks.N.attn.to_q`) -> family:
+# Flux 3072; SD3 medium 1536, SD3.5 large 2432. A Flux LoRA on double blocks only has no
+# `single_transformer_blocks` key to go by.
+_DIT_WIDTHS = {3072: "Flux", 1536: "SD3", 2432: "SD3"}
+
+
+def _dit_family_from_width(tensors: dict) -> str | None:
+    for key in tensors:
+        if "transformer_blocks" in key and ("attn.to_q" in key or "attn_to_q" in key) \
+                and key.endswith(_DOWN_SUFFIXES):
+            shape = _shape(tensors[key])
+            if len(shape) >= 2 and shape[1] in _DIT_WIDTHS:
+                return _DIT_WIDTHS[shape[1]]
+    return None
 
 
 def lora_family(tensors: dict, metadata: dict[str, str]) -> str:

@@ -51,3 +51,16 @@ def test_checkpoint_family_and_compatibility():
     assert checkpoint_family(flux) == "Flux"
     assert families_compatible("SD1.5 or SDXL", "SDXL") and families_compatible("unknown", "Flux")
     assert not families_compatible("Flux", "SDXL")
+
+
+def test_a_flux_lora_on_double_blocks_only_is_named_flux():
+    """ai-toolkit/diffusers Flux LoRAs trained on double blocks only have no single-block key."""
+    from plora_core.lora_info import family_from_keys
+
+    flux = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": (16, 3072),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": (3072, 16)}
+    assert family_from_keys(flux) == "Flux"
+    sd35 = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": (16, 2432)}
+    assert family_from_keys(sd35) == "SD3"
+    kohya_flux = {"lora_transformer_transformer_blocks_0_attn_to_q.lora_down.weight": (16, 3072)}
+    assert family_from_keys(kohya_flux) == "Flux"
