@@ -1,9 +1,20 @@
-"""Per-step cost of the P-LoRA gate against a direct merge, measured side by side in one run.
+"""Per-step cost of the P-LoRA gate against the base model and a direct merge, side by side in one run.
 
 Builds an SD1.5-shaped UNet with ComfyUI (random weights), writes two rank-64 kohya
 LoRAs on every attention, feed-forward and projection layer of its transformers, and
 times sampling steps for: the base model; both LoRAs merged directly (two LoraLoaders);
-the P-LoRA KL gate. Prints seconds per step and the ratio gate/direct.
+the P-LoRA gate; the same gate with a straightforward divergence (both outputs F + D_c and
+F + D_s materialised, KL by its definition in float32 via log_softmax), installed the way
+the pack installs its own, so only the divergence and selection maths differ. Prints
+seconds per step and the ratios gate/base, gate/direct and gate/straightforward.
+
+Only sampling steps are timed (sampler callback timestamps, the first step left out:
+it includes loading and patching the model), interleaved over the repeats (the fastest
+run of each variant counts). On Linux, freed memory is kept by the process (glibc
+`mallopt`), so that no variant pays page faults for memory the allocator handed back to
+the OS: otherwise each step of a variant can fault in gigabytes of activations or not,
+depending only on what was allocated before (the per-step page faults are printed;
+`--allocator default` measures with them).
 
     python benchmarks/gate_speed.py                 # 64x64 latent (512x512), CUDA if present
     python benchmarks/gate_speed.py --latent 32     # 256x256, quicker on a CPU
@@ -12,8 +23,11 @@ the P-LoRA KL gate. Prints seconds per step and the ratio gate/direct.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import importlib.util
 import logging
+import resource
 import sys
 import tempfile
 import time
@@ -33,6 +47,8 @@ SD15_UNET = {
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
 LORA_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+# glibc mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 
 
 def use_comfyui_checkout() -> None:
@@ -52,6 +68,18 @@ def load_pack():
     sys.modules["plora_pack"] = pack
     spec.loader.exec_module(pack)
     return pack
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to serve every allocation from its heap and never return freed memory to the OS."""
+    name = ctypes.util.find_library("c")
+    if not sys.platform.startswith("linux") or name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "mallopt"):
+        return False
+    # mallopt takes an int: -1 becomes SIZE_MAX, a trim threshold never reached
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
 
 
 def build_unet(device_name: str, dtype: torch.dtype):
@@ -87,42 +115,87 @@ def write_lora(model_patcher, file: Path, rank: int, seed: int) -> None:
     save_file(tensors, str(file))
 
 
-def seconds_per_step(model_patcher, steps: int, latent: int, repeats: int) -> float:
+def straightforward_gate_deltas(base: torch.Tensor, subject_delta: torch.Tensor, style_delta: torch.Tensor,
+                                criterion: str = "kl", style_bias: float = 1.0,
+                                channel_dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate written the obvious way: F + D_c and F + D_s formed, KL(softmax(F_hat) || softmax(F)) by its
+    definition in float32 with log_softmax, the chosen output selected (KL only; same signature as the pack's)."""
+    subject_out, style_out = base + subject_delta, base + style_delta
+    log_q = torch.log_softmax(base.float(), dim=channel_dim)
+
+    def kl(tuned: torch.Tensor) -> torch.Tensor:
+        log_p = torch.log_softmax(tuned.float(), dim=channel_dim)
+        per_token = (log_p.exp() * (log_p - log_q)).sum(dim=channel_dim)
+        return per_token.reshape(per_token.shape[0], -1).mean(dim=1)
+
+    subject_mask = kl(subject_out) >= style_bias * kl(style_out)
+    mask = subject_mask.reshape(-1, *([1] * (base.ndim - 1)))
+    return torch.where(mask, subject_out, style_out), subject_mask
+
+
+def seconds_per_step(model_patcher, steps: int, latent: int) -> tuple[float, float]:
+    """(fastest step, page faults per step) of one sampling run, the first step (loading, patching) left out."""
     import comfy.sample
 
     shape = (1, 4, latent, latent)
     generator = torch.Generator().manual_seed(1)
     positive = [[torch.randn(1, 77, 768, generator=generator), {}]]
     negative = [[torch.randn(1, 77, 768, generator=generator), {}]]
-    stamps = []
+    stamps, faults = [], []
 
     def on_step(step, *args):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
-    best = float("inf")
-    for _ in range(repeats):
-        stamps.clear()
-        zeros = torch.zeros(shape)
-        comfy.sample.sample(model_patcher, comfy.sample.prepare_noise(zeros, 0), steps, 7.0, "euler", "normal",
-                            positive, negative, zeros, seed=0, callback=on_step, disable_pbar=True)
-        # the first step includes loading and patching; time the steps after it
-        best = min(best, (stamps[-1] - stamps[0]) / (len(stamps) - 1))
-    return best
+    zeros = torch.zeros(shape)
+    comfy.sample.sample(model_patcher, comfy.sample.prepare_noise(zeros, 0), steps, 7.0, "euler", "normal",
+                        positive, negative, zeros, seed=0, callback=on_step, disable_pbar=True)
+    fastest = min(b - a for a, b in zip(stamps, stamps[1:]))
+    return fastest, (faults[-1] - faults[0]) / (len(faults) - 1)
+
+
+class InstalledGate:
+    """Runs a variant with `gate_deltas` of the pack's gated layers replaced (the pack's own when None)."""
+
+    def __init__(self, gate_deltas=None):
+        import plora_pack.plora_core.gated_layer as gated_layer
+
+        self.module = gated_layer
+        self.replacement = gate_deltas
+
+    def __enter__(self):
+        self.original = self.module.gate_deltas
+        if self.replacement is not None:
+            self.module.gate_deltas = self.replacement
+
+    def __exit__(self, *exc):
+        self.module.gate_deltas = self.original
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--latent", type=int, default=64, help="latent side (64 = 512x512 pixels)")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="sampling steps per run (the first is not timed)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                         help="default: fp16 on CUDA, fp32 on CPU")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--allocator", choices=["keep", "default"], default="keep",
+                        help="keep: the process keeps freed memory (no page-fault churn); default: glibc as is")
+    parser.add_argument("--flush-denormal", action="store_true", help="flush denormal floats to zero on the CPU")
+    parser.add_argument("--skip", action="append", default=[], metavar="VARIANT",
+                        help="leave a variant out, e.g. --skip straightforward")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+    kept = args.allocator == "keep" and keep_freed_memory()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.flush_denormal:
+        torch.set_flush_denormal(True)
     use_comfyui_checkout()
     import comfy.cli_args
 
@@ -146,18 +219,32 @@ def main() -> None:
             direct.add_patches(map_lora_onto_model(model, lora).raw_patches, 1.0)
         gated = build_gated_model(model, SubjectStyleLoras(LoraChoice(loras[0], 1.0), LoraChoice(loras[1], 1.0)))
         gated_layers = len(gated.object_patches)
-        variants = (("base", model), ("direct merge", direct), ("P-LoRA gate", gated))
-        times = {name: float("inf") for name, _ in variants}
+        variants = [("base", model, None), ("direct merge", direct, None), ("P-LoRA gate", gated, None),
+                    ("straightforward", gated, straightforward_gate_deltas)]
+        variants = [v for v in variants if not any(word in v[0] for word in args.skip)]
+        times = {name: float("inf") for name, *_ in variants}
+        faults = {name: 0.0 for name, *_ in variants}
         for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every variant
-            for name, patcher in variants:
-                times[name] = min(times[name], seconds_per_step(patcher, args.steps, args.latent, 1))
+            for name, patcher, gate_deltas in variants:
+                with InstalledGate(gate_deltas):
+                    seconds, step_faults = seconds_per_step(patcher, args.steps, args.latent)
+                if seconds < times[name]:
+                    times[name], faults[name] = seconds, step_faults
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    logger.info("SD1.5-shaped UNet, latent %dx%d (%dx%d px), batch 1 + CFG, rank-%d LoRAs, %d gated layers, %s, %s",
-                args.latent, args.latent, 8 * args.latent, 8 * args.latent, args.rank, gated_layers, dtype, device)
+    logger.info("SD1.5-shaped UNet, latent %dx%d (%dx%d px), batch 1 + CFG, rank-%d LoRAs, %d gated layers, %s, %s, "
+                "allocator %s%s", args.latent, args.latent, 8 * args.latent, 8 * args.latent, args.rank, gated_layers,
+                dtype, device, "keeps freed memory" if kept else "default",
+                ", denormals flushed" if args.flush_denormal else "")
     for name, seconds in times.items():
-        logger.info("  %-13s %8.3f s/step", name, seconds)
-    logger.info("ratio gate/direct per step: %.3f (target <= 1.25)", times["P-LoRA gate"] / times["direct merge"])
+        logger.info("  %-16s %8.3f s/step  %9.0f page faults/step", name, seconds, faults[name])
+    gate = times.get("P-LoRA gate")
+    for other in ("base", "direct merge", "straightforward"):
+        if gate is not None and other in times:
+            logger.info("ratio gate/%s per step: %.3f%s", other.split()[0], gate / times[other],
+                        " (target <= 1.25)" if other == "direct merge" else "")
+    if "base" in times and "direct merge" in times:
+        logger.info("ratio direct/base per step: %.3f", times["direct merge"] / times["base"])
 
 
 if __name__ == "__main__":

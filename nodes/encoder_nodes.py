@@ -6,12 +6,15 @@ Models come from ComfyUI's model folders: `models/open_clip/` for CLIP checkpoin
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
 import torch
 
 from ..plora_core.encoders import ImageEncoder, load_dino_encoder, load_open_clip_encoder
+from ..plora_core.lora_file import regular_file_stat
+from . import host
 from .trainable_copy import copy_tensors_as_saved, frozen_normal_copy
 
 logger = logging.getLogger("plora")
@@ -20,6 +23,7 @@ ENCODER_TYPE = "PLORA_ENCODER"
 CLIP_FOLDER = "open_clip"
 DINO_FOLDER = "dino"
 _PRECISIONS = ["auto", "fp32", "fp16", "bf16"]
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DEFAULT_ARCHITECTURES = ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-quickgelu", "ViT-H-14", "ViT-bigG-14"]
 
 
@@ -34,32 +38,6 @@ def register_model_folders() -> None:
             folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
 
 
-def _folder_entries(name: str, want_dirs: bool) -> list[str]:
-    try:
-        import folder_paths
-    except ImportError:
-        return []
-    if not want_dirs:
-        return folder_paths.get_filename_list(name)
-    found = []
-    for base in folder_paths.get_folder_paths(name):
-        if os.path.isdir(base):
-            found += sorted(d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d, "config.json")))
-    return found
-
-
-def _resolve(name: str, folder: str, want_dir: bool) -> str:
-    if os.path.isabs(name):
-        return name
-    import folder_paths
-
-    for base in folder_paths.get_folder_paths(folder):
-        path = os.path.join(base, name)
-        if (os.path.isdir(path) if want_dir else os.path.isfile(path)):
-            return path
-    raise FileNotFoundError(f"'{name}' is not in models/{folder}; put it there or pick another entry.")
-
-
 def device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
     """ComfyUI's compute device; fp16 on a GPU that supports it under 'auto', float32 on the CPU."""
     import comfy.model_management as mm
@@ -67,20 +45,55 @@ def device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
     device = mm.get_torch_device()
     if precision == "auto":
         dtype = torch.float16 if device.type != "cpu" and mm.should_use_fp16(device) else torch.float32
+    elif precision in _DTYPES:
+        dtype = _DTYPES[precision]
     else:
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        raise ValueError(f"precision must be one of {_PRECISIONS}, not {precision!r}.")
     return device, dtype
 
 
+_CONFIG_LIMIT = 1 << 20  # an open_clip model config is a few hundred bytes
+_not_configs: set[tuple] = set()  # (path, mtime, size) of .json files that are not open_clip configs
+
+
+def _is_open_clip_config(path: str) -> bool:
+    """A small regular .json file holding an open_clip model config (embed_dim, vision_cfg)."""
+    info = regular_file_stat(path)
+    key = (path, info.st_mtime_ns, info.st_size) if info else None
+    if key is None or key in _not_configs or info.st_size > _CONFIG_LIMIT:
+        return False
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError) as error:  # ValueError: bad JSON or not UTF-8
+        logger.debug("models/open_clip: %s is not a JSON model config (%s)", os.path.basename(path), error)
+        config = None
+    if isinstance(config, dict) and "embed_dim" in config and isinstance(config.get("vision_cfg"), dict):
+        return True
+    _not_configs.add(key)
+    return False
+
+
 def register_custom_architectures() -> None:
-    """open_clip model configs (`<Name>.json`) placed in models/open_clip become architectures."""
+    """open_clip model configs (`<Name>.json`) placed in models/open_clip become architectures.
+
+    Other .json files there (a Hugging Face config, a broken file) are skipped: open_clip re-reads every
+    registered config whenever one is added, so one bad file would break every later registration.
+    """
     import open_clip
 
-    for name in _folder_entries(CLIP_FOLDER, False):
-        if name.lower().endswith(".json"):
-            path = _resolve(name, CLIP_FOLDER, False)
-            if os.path.splitext(os.path.basename(path))[0] not in open_clip.list_models():
-                open_clip.add_model_config(path)
+    known = set(open_clip.list_models())
+    for name in host.model_file_list(CLIP_FOLDER):
+        architecture = os.path.splitext(os.path.basename(name))[0]
+        if not name.lower().endswith(".json") or architecture in known:
+            continue
+        try:
+            path = host.resolve_model_file(CLIP_FOLDER, name)  # regular files inside the folder only
+        except FileNotFoundError:
+            continue
+        if _is_open_clip_config(path):
+            open_clip.add_model_config(path)
+            known.add(architecture)
 
 
 def clip_architectures() -> list[str]:
@@ -98,7 +111,7 @@ class LoadPLoRACLIPEncoder:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "checkpoint": ([f for f in _folder_entries(CLIP_FOLDER, False) if not f.lower().endswith(".json")], {"tooltip": "An open_clip or OpenAI CLIP checkpoint file in models/open_clip (.safetensors, .bin or OpenAI .pt)."}),
+                "checkpoint": ([f for f in host.model_file_list(CLIP_FOLDER) if not f.lower().endswith(".json")], {"tooltip": "An open_clip or OpenAI CLIP checkpoint file in models/open_clip (.safetensors, .bin or OpenAI .pt)."}),
                 "architecture": (clip_architectures(), {"tooltip": "The open_clip architecture the checkpoint is for (ViT-B-32 is what the paper's metrics use)."}),
                 "precision": (_PRECISIONS, {"tooltip": "auto: fp16 on a GPU, fp32 on the CPU. Scores are computed in float32 either way."}),
             }
@@ -113,9 +126,11 @@ class LoadPLoRACLIPEncoder:
                    "Custom open_clip architectures: put their <Name>.json config in models/open_clip.")
 
     def load(self, checkpoint, architecture, precision):
+        path = host.resolve_model_file(CLIP_FOLDER, checkpoint)
         register_custom_architectures()
         device, dtype = device_and_dtype(precision)
-        return (load_open_clip_encoder(architecture, _resolve(checkpoint, CLIP_FOLDER, False), device, dtype),)
+        return (load_open_clip_encoder(architecture, path, device, dtype,
+                                       label=host.model_name(CLIP_FOLDER, checkpoint)),)
 
 
 class LoadPLoRADINOEncoder:
@@ -123,7 +138,7 @@ class LoadPLoRADINOEncoder:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model_folder": (_folder_entries(DINO_FOLDER, True), {"tooltip": "A DINO (v1 ViT, e.g. dino-vits16) or DINOv2 model folder in models/dino, in Hugging Face format."}),
+                "model_folder": (host.model_dir_list(DINO_FOLDER), {"tooltip": "A DINO (v1 ViT, e.g. dino-vits16) or DINOv2 model folder in models/dino, in Hugging Face format."}),
                 "precision": (_PRECISIONS, {"tooltip": "auto: fp16 on a GPU, fp32 on the CPU. Scores are computed in float32 either way."}),
             }
         }
@@ -136,8 +151,9 @@ class LoadPLoRADINOEncoder:
     DESCRIPTION = "Loads a DINO image encoder (transformers, local folder) for P-LoRA score guidance (Eq. 18)."
 
     def load(self, model_folder, precision):
+        path = host.resolve_model_dir(DINO_FOLDER, model_folder)
         device, dtype = device_and_dtype(precision)
-        return (load_dino_encoder(_resolve(model_folder, DINO_FOLDER, True), device, dtype),)
+        return (load_dino_encoder(path, device, dtype, label=host.model_name(DINO_FOLDER, model_folder)),)
 
 
 class ClipVisionImageEncoder(ImageEncoder):

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 
 import torch
 
 import comfy.lora
 import comfy.sd
 import comfy.utils
+
+from ..plora_core.lora_file import regular_file_stat
 
 logger = logging.getLogger("plora")
 
@@ -116,26 +119,127 @@ def get_module(model_patcher, path: str) -> torch.nn.Module:
     return comfy.utils.get_attr(model_patcher.model, path)
 
 
-def resolve_lora_path(name: str) -> str:
-    """A name from ComfyUI's loras list (or an absolute path, for API use) -> a file path."""
+# ---------------------------------------------------------------- model files
+#
+# Every file the pack opens is named by the user as a name inside one of ComfyUI's model folders
+# (`loras`, `open_clip`, `dino`) and found exactly as ComfyUI's own loaders find it: through
+# `folder_paths` when ComfyUI is there (which also turns `..` and absolute names into names inside
+# the folder), else through folders registered with `add_model_folder` (the 2024 core has no
+# folder_paths). A name that is not a regular file inside those folders gets the core loaders'
+# error, naming the folder and the name as given, whatever exists elsewhere on the server.
+
+try:
+    import folder_paths as _folder_paths
+except ImportError:  # the 2024 core (tests): no folder_paths, folders come from add_model_folder
+    _folder_paths = None
+_registered_folders: dict[str, list[str]] = {}
+
+
+def add_model_folder(kind: str, folder: str) -> None:
+    """Make `folder` one of the `kind` model folders ('loras', 'open_clip', 'dino').
+
+    Inside ComfyUI this is folder_paths.add_model_folder_path (what extra_model_paths.yaml does);
+    without it, the pack's own list. Tests register their temporary folders here.
+    """
+    folder = os.path.abspath(folder)
+    if _folder_paths is not None:
+        _folder_paths.add_model_folder_path(kind, folder)
+    elif folder not in _registered_folders.setdefault(kind, []):
+        _registered_folders[kind].append(folder)
+
+
+def model_folders(kind: str) -> list[str]:
+    """The folders of one kind, in ComfyUI's search order."""
+    if _folder_paths is not None:
+        kind = _folder_paths.map_legacy(kind) if hasattr(_folder_paths, "map_legacy") else kind
+        return _folder_paths.get_folder_paths(kind) if kind in _folder_paths.folder_names_and_paths else []
+    return list(_registered_folders.get(kind, []))
+
+
+def _not_found(kind: str, name: str) -> FileNotFoundError:
+    return FileNotFoundError(f"Model in folder '{kind}' with filename '{name}' not found.")
+
+
+def model_name(kind: str, name: str) -> str:
+    """`name` relative to its model folder. An absolute path that lies inside one of the `kind`
+    folders becomes the name it has there (lexically, without touching the disk); any other name
+    is returned unchanged (and then resolved inside the folders, as ComfyUI does)."""
+    if not isinstance(name, str):
+        raise _not_found(kind, str(name))
     if os.path.isabs(name):
-        return name
-    try:
-        import folder_paths
-    except ImportError:
-        raise FileNotFoundError(
-            f"LoRA '{name}' is not an absolute path and ComfyUI's folder_paths is not available."
-        ) from None
-    return folder_paths.get_full_path_or_raise("loras", name)
+        target = os.path.normpath(name)
+        for base in model_folders(kind):
+            base = os.path.normpath(os.path.abspath(base))
+            if target.startswith(base + os.sep):
+                return os.path.relpath(target, base)
+    return name
+
+
+def _inside_folders(kind: str, name: str):
+    """Candidate paths of `name` in each `kind` folder: ComfyUI's normalisation, which keeps
+    absolute names and `..` inside the folder."""
+    relative = os.path.relpath(os.path.join("/", name), "/")
+    if relative in (".", ""):
+        return
+    for base in model_folders(kind):
+        yield os.path.join(base, relative)
+
+
+def resolve_model_file(kind: str, name: str) -> str:
+    """The regular file `name` in the `kind` model folders, as ComfyUI's loaders find it."""
+    relative = model_name(kind, name)
+    if "\0" in relative:
+        raise _not_found(kind, name)
+    if _folder_paths is not None:
+        path = _folder_paths.get_full_path(kind, relative)
+    else:
+        path = next((p for p in _inside_folders(kind, relative) if os.path.isfile(p)), None)
+    if path is None or regular_file_stat(path) is None:  # isfile follows links; a FIFO or device is refused
+        raise _not_found(kind, name)
+    return path
+
+
+def resolve_model_dir(kind: str, name: str) -> str:
+    """The folder `name` (e.g. a Hugging Face model folder) in the `kind` model folders."""
+    relative = model_name(kind, name)
+    if "\0" not in relative:
+        for path in _inside_folders(kind, relative):
+            try:
+                if stat.S_ISDIR(os.stat(path).st_mode):
+                    return path
+            except OSError:
+                continue
+    raise _not_found(kind, name)
+
+
+def model_file_list(kind: str) -> list[str]:
+    """Names of the files in the `kind` folders, as ComfyUI lists them (relative, sorted)."""
+    if _folder_paths is not None:
+        return _folder_paths.get_filename_list(kind) if model_folders(kind) else []
+    names = set()
+    for base in model_folders(kind):
+        for root, _, files in os.walk(base, followlinks=True):
+            names.update(os.path.relpath(os.path.join(root, f), base) for f in files)
+    return sorted(names)
+
+
+def model_dir_list(kind: str) -> list[str]:
+    """Names of the model folders (holding a regular config.json) directly inside the `kind` folders."""
+    found = set()
+    for base in model_folders(kind):
+        if os.path.isdir(base):
+            found.update(d for d in os.listdir(base) if regular_file_stat(os.path.join(base, d, "config.json")))
+    return sorted(found)
+
+
+def resolve_lora_path(name: str) -> str:
+    """A name from ComfyUI's loras list -> the file's path (only inside models/loras)."""
+    return resolve_model_file("loras", name)
 
 
 def lora_file_list() -> list[str]:
-    """ComfyUI's list of files in models/loras (empty outside a full ComfyUI)."""
-    try:
-        import folder_paths
-    except ImportError:
-        return []
-    return folder_paths.get_filename_list("loras")
+    """ComfyUI's list of files in models/loras."""
+    return model_file_list("loras")
 
 
 def ksampler_inputs() -> dict:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from ..plora_core.lora_file import read_lora_file
+from ..plora_core.lora_file import LoraFile, LoraFileError, read_lora_file
 from . import host
 from .gating import LoraChoice, SubjectStyleLoras
-from .lora_mapping import split_by_key_map
+from .lora_mapping import is_text_encoder_key, split_by_key_map
 
 logger = logging.getLogger("plora")
 
@@ -24,6 +24,24 @@ def apply_text_encoder_parts(clip, pair: SubjectStyleLoras):
             clip = host.apply_lora_to_clip(clip, te_tensors, choice.strength)
             logger.info("P-LoRA: text-encoder part of %s applied to CLIP (%d tensors)", choice.name, len(te_tensors))
     return clip
+
+
+def read_lora(name: str) -> LoraFile:
+    """A LoRA named as in models/loras (only there), read and cached; messages use that name."""
+    return read_lora_file(host.resolve_lora_path(name), label=host.model_name("loras", name))
+
+
+def check_has_diffusion_part(choice: LoraChoice, role: str) -> None:
+    """Refuse a LoRA that holds only text-encoder weights: P-LoRA fuses diffusion-model layers, so it
+    would have nothing to fuse. Checked for both LoRAs before anything is applied."""
+    if choice.strength == 0:
+        return
+    if all(is_text_encoder_key(key) for key in host.convert_lora(choice.file.tensors)):
+        raise LoraFileError(
+            f"The {role} LoRA {choice.name} holds only text-encoder weights (no diffusion-model layers), so "
+            "P-LoRA has nothing of it to fuse. Apply it to the CLIP with ComfyUI's Load LoRA node instead, and "
+            f"pick a LoRA with diffusion-model weights as {role} LoRA here (or set {role}_strength to 0)."
+        )
 
 
 class LoadSubjectStyleLoRA:
@@ -52,14 +70,16 @@ class LoadSubjectStyleLoRA:
     CATEGORY = "P-LoRA"
     DESCRIPTION = (
         "Loads a subject LoRA and a style LoRA for P-LoRA fusion. Reads every format ComfyUI's LoraLoader "
-        "reads (kohya, diffusers/peft, ai-toolkit, LyCORIS). Files are read once and cached."
+        "reads (kohya, diffusers/peft, ai-toolkit, LyCORIS), from models/loras only. Files are read once and cached."
     )
 
     def load(self, subject_lora, subject_strength, style_lora, style_strength, clip=None):
         pair = SubjectStyleLoras(
-            subject=LoraChoice(read_lora_file(host.resolve_lora_path(subject_lora)), float(subject_strength)),
-            style=LoraChoice(read_lora_file(host.resolve_lora_path(style_lora)), float(style_strength)),
+            subject=LoraChoice(read_lora(subject_lora), float(subject_strength)),
+            style=LoraChoice(read_lora(style_lora), float(style_strength)),
         )
+        check_has_diffusion_part(pair.subject, "subject")
+        check_has_diffusion_part(pair.style, "style")
         if clip is not None:
             clip = apply_text_encoder_parts(clip, pair)
         return (pair, clip)

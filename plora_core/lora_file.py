@@ -1,8 +1,15 @@
-"""Reading LoRA files from disk: tensors, metadata, checks, and a small cache.
+"""Reading LoRA files from disk: tensors, metadata, checks, and a cache bounded in bytes.
 
-Parsed files are cached at module level keyed by (path, modification time, size), so
-a node that runs again on the same files does not read them again, and an edited file
-is read anew.
+Only regular files are opened (never a FIFO, a device or a directory: those would block or
+mislead the reader), safetensors files (`.safetensors`, `.sft`) through safetensors and
+PyTorch pickles (`.pt`, `.pth`, `.ckpt`, `.bin`) only through `torch.load(weights_only=True)`;
+any other file is refused without being read. Error messages name the file by the name the
+caller gives (the name in ComfyUI's model folder), never by its path on the server.
+
+Parsed files are cached at module level keyed by (path, modification time, size), so a node
+that runs again on the same files does not read them again, and an edited file is read anew.
+The cache holds at most `LORA_CACHE.limit` bytes of tensors and is emptied when ComfyUI frees
+memory (see `nodes/__init__.py`).
 """
 
 from __future__ import annotations
@@ -10,19 +17,26 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
+import threading
+import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 logger = logging.getLogger("plora")
 
-_CACHE_ENTRIES = 4
-_cache: "OrderedDict[tuple, LoraFile]" = OrderedDict()
+SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
+PICKLE_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin")
+GIB = 1024 ** 3
 
 
 class LoraFileError(ValueError):
     """A LoRA file that cannot be used; the message names the file and what to do."""
+
+    __module__ = "plora"  # ComfyUI reports module + class name; the pack's install path stays out of /history
 
 
 @dataclass
@@ -30,10 +44,121 @@ class LoraFile:
     path: str
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
+    label: str = ""  # the name shown in messages (the name in models/loras); defaults to the file name
 
     @property
     def name(self) -> str:
-        return os.path.basename(self.path)
+        return self.label or os.path.basename(self.path)
+
+
+class SizedCache:
+    """A least-recently-used cache bounded by the bytes its values hold (not by their count).
+
+    A value larger than the whole limit is returned to its caller but not kept. Thread-safe:
+    ComfyUI's worker thread fills it while the server's event loop may read its size.
+    """
+
+    def __init__(self, limit_bytes: int, size_of: Callable[[object], int]):
+        self.limit = int(limit_bytes)
+        self._size_of = size_of
+        self._entries: OrderedDict[tuple, tuple[object, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple):
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            return entry[0]
+
+    def put(self, key: tuple, value):
+        size = int(self._size_of(value))
+        with self._lock:
+            self._entries.pop(key, None)
+            if size <= self.limit:
+                self._entries[key] = (value, size)
+            self._evict()
+        return value
+
+    def set_limit(self, limit_bytes: int) -> None:
+        with self._lock:
+            self.limit = int(limit_bytes)
+            self._evict()
+
+    def _evict(self) -> None:
+        total = sum(size for _, size in self._entries.values())
+        while total > self.limit and self._entries:
+            _, (_, size) = self._entries.popitem(last=False)
+            total -= size
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(size for _, size in self._entries.values())
+
+    def info(self) -> dict:
+        """{"entries", "bytes", "limit_bytes"}, for the cache route and tests."""
+        with self._lock:
+            return {"entries": len(self._entries), "bytes": sum(s for _, s in self._entries.values()),
+                    "limit_bytes": self.limit}
+
+
+def tensors_nbytes(tensors) -> int:
+    return sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor))
+
+
+LORA_CACHE = SizedCache(2 * GIB, lambda lora: tensors_nbytes(lora.tensors.values()))
+
+
+def clear_lora_cache() -> None:
+    """Forget every parsed LoRA (its memory is freed once no node output holds it)."""
+    LORA_CACHE.clear()
+
+
+def regular_file_stat(path: str) -> os.stat_result | None:
+    """os.stat of `path` when it is a regular file (symlinks followed), else None.
+
+    Checked before any open: a FIFO would block the reader, a device or directory would
+    mislead it.
+    """
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
+        return None
+    return info if stat.S_ISREG(info.st_mode) else None
+
+
+def is_torchscript_archive(path: str) -> bool:
+    """A TorchScript archive (a zip holding constants.pkl): loading it with torch.jit runs code from the file."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name == "constants.pkl" or name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def file_kind(path: str) -> str | None:
+    """'safetensors', 'pickle' or None (not a weights file the pack reads), from the extension alone."""
+    lower = path.lower()
+    if lower.endswith(SAFETENSORS_EXTENSIONS):
+        return "safetensors"
+    if lower.endswith(PICKLE_EXTENSIONS):
+        return "pickle"
+    return None
+
+
+def scrub(text: str, path: str, label: str) -> str:
+    """A library's error text with the file's server path (and its folder) replaced by its name."""
+    folder = os.path.dirname(path)
+    text = text.replace(path, label)
+    return text.replace(folder + os.sep, "").replace(folder, "<model folder>") if folder else text
 
 
 def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -45,68 +170,79 @@ def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str
     return tensors, metadata
 
 
-def _read_pickle(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_pickle(path: str, label: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if is_torchscript_archive(path):
+        raise LoraFileError(f"LoRA file {label} is a TorchScript archive, not a LoRA; export the LoRA as .safetensors.")
     data = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
         data = data["state_dict"]
     if not isinstance(data, dict):
-        raise LoraFileError(f"LoRA file {path} holds a {type(data).__name__}, not a dict of tensors.")
+        raise LoraFileError(f"LoRA file {label} holds a {type(data).__name__}, not a dict of tensors.")
     return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}, {}
 
 
-def check_finite(path: str, tensors: dict[str, torch.Tensor]) -> None:
+def check_finite(label: str, tensors: dict[str, torch.Tensor]) -> None:
     """Raise on the first tensor with NaN or Inf, naming it (a broken training run or save)."""
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise LoraFileError(
-                f"LoRA file {path}: tensor '{key}' contains NaN or Inf values. The training run or "
+                f"LoRA file {label}: tensor '{key}' contains NaN or Inf values. The training run or "
                 "the save was broken; use an earlier checkpoint of this LoRA or retrain it."
             )
 
 
-def read_lora_file(path: str) -> LoraFile:
-    """Load a .safetensors (or .pt/.ckpt/.bin) LoRA, checked, through the module-level cache."""
+def read_lora_file(path: str, label: str | None = None) -> LoraFile:
+    """Load a .safetensors/.sft (or .pt/.pth/.ckpt/.bin) LoRA, checked, through the module-level cache.
+
+    `label` is the name messages use (the name in models/loras); by default the file name.
+    """
+    label = label or os.path.basename(path)
+    kind = file_kind(path)
+    if kind is None:
+        raise LoraFileError(f"LoRA file {label} is not a .safetensors, .sft, .pt, .pth, .ckpt or .bin file; "
+                            "pick a LoRA file.")
+    info = regular_file_stat(path)
+    if info is None:
+        raise LoraFileError(f"LoRA file {label} is not a regular file that can be read.")
+    key = (os.path.abspath(path), info.st_mtime_ns, info.st_size)
+    cached = LORA_CACHE.get(key)
+    if cached is not None:
+        return cached if cached.label == label else LoraFile(cached.path, cached.tensors, cached.metadata, label)
     try:
-        stat = os.stat(path)
-    except OSError as error:
-        raise LoraFileError(f"LoRA file {path} cannot be opened ({error.strerror}).") from error
-    key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
-    if key in _cache:
-        _cache.move_to_end(key)
-        return _cache[key]
-    try:
-        if path.lower().endswith(".safetensors"):
+        if kind == "safetensors":
             tensors, metadata = _read_safetensors(path)
         else:
-            tensors, metadata = _read_pickle(path)
+            tensors, metadata = _read_pickle(path, label)
     except LoraFileError:
         raise
     except Exception as error:  # safetensors and torch raise several types for a damaged file
         raise LoraFileError(
-            f"LoRA file {path} could not be read ({type(error).__name__}: {error}). It is probably "
-            "truncated or not a LoRA file; download or export it again."
+            f"LoRA file {label} could not be read ({type(error).__name__}: {scrub(str(error), path, label)}). "
+            "It is probably truncated or not a LoRA file; download or export it again."
         ) from error
     if not tensors:
-        raise LoraFileError(f"LoRA file {path} holds no tensors; download or export it again.")
-    check_finite(path, tensors)
-    lora = LoraFile(path, tensors, dict(metadata))
-    _cache[key] = lora
-    while len(_cache) > _CACHE_ENTRIES:
-        _cache.popitem(last=False)
+        raise LoraFileError(f"LoRA file {label} holds no tensors; download or export it again.")
+    check_finite(label, tensors)
+    lora = LoraFile(path, tensors, dict(metadata), label)
+    LORA_CACHE.put(key, lora)
     logger.debug("read LoRA %s (%d tensors)", path, len(tensors))
     return lora
 
 
-def read_header(path: str) -> tuple[dict[str, tuple], dict[str, str]]:
-    """{key: shape} and metadata of a .safetensors file without reading its tensors."""
+def read_header(path: str, label: str | None = None) -> tuple[dict[str, tuple], dict[str, str]]:
+    """{key: shape} and metadata of a .safetensors/.sft file without reading its tensors."""
     from safetensors import safe_open
 
+    label = label or os.path.basename(path)
+    if file_kind(path) != "safetensors" or regular_file_stat(path) is None:
+        raise LoraFileError(f"{label} is not a safetensors file that can be read.")
     try:
         with safe_open(path, framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
             shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except Exception as error:  # damaged headers raise several types
-        raise LoraFileError(f"{path} could not be read ({type(error).__name__}: {error}).") from error
+        raise LoraFileError(f"{label} could not be read ({type(error).__name__}: "
+                            f"{scrub(str(error), path, label)}).") from error
     return shapes, dict(metadata)
 
 

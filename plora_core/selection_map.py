@@ -16,11 +16,20 @@ STYLE_COLOUR = (0.22, 0.47, 0.96)
 UNSEEN_COLOUR = (0.16, 0.16, 0.16)
 
 
-def selection_map(recorder: SelectionRecorder, sample: int = 0, kind: int | None = None,
-                  cell: int = 8) -> torch.Tensor:
-    """[1, H, W, 3] float image in ComfyUI's IMAGE layout; H = layers * cell, W = steps * cell."""
-    _, _, matrix = recorder.as_matrix(sample, kind)  # [steps, layers]
-    grid = matrix.T  # [layers, steps]
+def recorded_images(recorder: SelectionRecorder, kind: int | None = None) -> int | None:
+    """How many images the last run decided for: the rows of the `kind` pass (COND or UNCOND), or
+    of a model call with kind None. None when the run did not record which rows were which pass."""
+    if kind is None:
+        masks = list(recorder.decisions.values())
+    elif recorder.by_kind:
+        masks = [mask for (_, _, k), mask in recorder.by_kind.items() if k == kind]
+    else:
+        return None
+    return max((int(mask.shape[0]) for mask in masks), default=0)
+
+
+def _paint(grid: torch.Tensor, cell: int) -> torch.Tensor:
+    """[layers, steps] grid (1 subject, 0 style, NaN unseen) -> [1, H, W, 3] image."""
     image = torch.empty(*grid.shape, 3)
     image[:] = torch.tensor(UNSEEN_COLOUR)
     image[grid == 1] = torch.tensor(SUBJECT_COLOUR)
@@ -32,3 +41,15 @@ def selection_map(recorder: SelectionRecorder, sample: int = 0, kind: int | None
         image[cell - 1::cell, :, :] *= 0.6
         image[:, cell - 1::cell, :] *= 0.6
     return image.unsqueeze(0)
+
+
+def selection_map(recorder: SelectionRecorder, sample: int = 0, kind: int | None = None,
+                  cell: int = 8) -> torch.Tensor:
+    """[1, H, W, 3] float image in ComfyUI's IMAGE layout; H = layers * cell, W = steps * cell."""
+    _, _, matrix = recorder.as_matrix(sample, kind)  # [steps, layers]
+    return _paint(matrix.T, cell)  # [layers, steps]
+
+
+def blank_map(layers: int, steps: int, cell: int = 8) -> torch.Tensor:
+    """The map of a run in which the gate decided nothing: every (step, layer) cell grey."""
+    return _paint(torch.full((max(layers, 1), max(steps, 1)), float("nan")), cell)

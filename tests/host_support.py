@@ -31,6 +31,18 @@ def load_pack():
     return module
 
 
+MODEL_FOLDER_KINDS = ("loras", "open_clip", "dino")
+
+
+def register_test_model_folders(folder) -> None:
+    """The pack reads files only inside model folders: make `folder` (pytest's temporary root, under which
+    tests write their LoRAs and encoders) a loras/open_clip/dino folder, as extra_model_paths.yaml would.
+    Paths the tests pass that lie inside it then resolve as names in that folder."""
+    host = load_pack().nodes.host
+    for kind in MODEL_FOLDER_KINDS:
+        host.add_model_folder(kind, str(folder))
+
+
 SD15_TINY_UNET = dict(
     model_channels=32, context_dim=32, channel_mult=[1, 2], num_res_blocks=[1, 1], transformer_depth=[1, 1],
     transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1, num_heads=2, num_head_channels=-1,

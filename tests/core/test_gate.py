@@ -96,26 +96,70 @@ def test_step_index_follows_the_samplers_schedule_when_known():
         assert state.step == expected
 
 
-def test_fast_path_from_deltas_equals_the_reference_gate_for_every_criterion():
+def divergence64(base, delta, criterion, channel_dim):
+    """Each criterion's definition in float64, per sample (Eq. 11-12, Table 4)."""
+    f, tuned = base.double(), base.double() + delta.double()
+    log_p, log_q = torch.log_softmax(tuned, channel_dim), torch.log_softmax(f, channel_dim)
+    p, q = log_p.exp(), log_q.exp()
+    m = (p + q) / 2
+    per_token = {
+        "kl": lambda: (p * (log_p - log_q)).sum(channel_dim),
+        "js": lambda: 0.5 * (p * (p / m).log()).sum(channel_dim) + 0.5 * (q * (q / m).log()).sum(channel_dim),
+        "cosine": lambda: 1 - torch.nn.functional.cosine_similarity(tuned, f, dim=channel_dim),
+        "dot": lambda: (f * f).sum(channel_dim) - (tuned * f).sum(channel_dim),
+    }[criterion]()
+    return per_token.reshape(per_token.shape[0], -1).mean(1)
+
+
+def test_gate_from_deltas_decides_like_the_float64_definitions_for_every_criterion():
+    from plora_core.divergence import DIVERGENCES
     from plora_core.gate import gate_deltas
 
+    assert set(DIVERGENCES) == {"kl", "js", "cosine", "dot"}
     torch.manual_seed(3)
     for channel_dim, shape in ((-1, (4, 9, 16)), (1, (4, 16, 3, 3))):
         base = torch.randn(shape) * 4
         delta_c, delta_s = torch.randn(shape), torch.randn(shape)
         delta_s[:2] *= 3  # some samples must pick the style, others the subject
-        for criterion in ("kl", "js", "cosine"):
-            expected, expected_mask = gate(base, base + delta_c, base + delta_s, criterion, 1.0, channel_dim)
+        for criterion in DIVERGENCES:
+            expected_mask = divergence64(base, delta_c, criterion, channel_dim) >= divergence64(
+                base, delta_s, criterion, channel_dim)
             out, mask = gate_deltas(base, delta_c, delta_s, criterion, 1.0, channel_dim)
-            assert mask.tolist() == expected_mask.tolist()
-            assert torch.allclose(out, expected, atol=1e-5)
+            assert mask.tolist() == expected_mask.tolist(), criterion
+            expected = torch.where(expected_mask.reshape(-1, *[1] * (len(shape) - 1)), base + delta_c, base + delta_s)
+            assert torch.equal(out, expected)
+            reference_out, reference_mask = gate(base, base + delta_c, base + delta_s, criterion, 1.0, channel_dim)
+            assert reference_mask.tolist() == mask.tolist() and torch.equal(reference_out, out)
 
 
-def test_kl_shortcut_equals_the_definition():
-    from plora_core.divergence import kl_divergence
-    from plora_core.gate import kl_of_shift, log_normaliser
+def test_gate_deltas_reads_the_deltas_and_keeps_the_models_dtype():
+    from plora_core.gate import gate_deltas
 
     torch.manual_seed(4)
-    base, delta = torch.randn(3, 7, 12) * 5, torch.randn(3, 7, 12)
-    lse = log_normaliser(base, torch.log_softmax(base, -1), -1)
-    assert torch.allclose(kl_of_shift(base, lse, delta, -1), kl_divergence(base + delta, base, -1), atol=1e-5)
+    base = (torch.randn(3, 7, 12) * 5).half()
+    delta_c, delta_s = torch.randn(3, 7, 12).half(), (torch.randn(3, 7, 12) * 2).half()
+    copies = delta_c.clone(), delta_s.clone()
+    for criterion in ("kl", "js", "cosine", "dot"):
+        out, mask = gate_deltas(base, delta_c, delta_s, criterion)
+        assert out.dtype == torch.float16 and mask.dtype == torch.bool and mask.shape == (3,)
+        assert torch.equal(delta_c, copies[0]) and torch.equal(delta_s, copies[1])
+
+
+def test_gate_deltas_passes_gradients_through_the_chosen_output():
+    """Exact guidance backpropagates through gated layers: the chosen F + D must stay differentiable."""
+    from plora_core.gate import gate_deltas
+
+    torch.manual_seed(8)
+    base = (torch.randn(2, 5, 16) * 4).requires_grad_()
+    delta_c = torch.randn(2, 5, 16).requires_grad_()
+    delta_s = (torch.randn(2, 5, 16) * torch.tensor([3.0, 0.3]).reshape(2, 1, 1)).requires_grad_()
+    for criterion in ("kl", "js", "cosine", "dot"):
+        base.grad = delta_c.grad = delta_s.grad = None
+        out, mask = gate_deltas(base, delta_c, delta_s, criterion)
+        if criterion == "kl":
+            assert mask.tolist() == [False, True]
+        out.sum().backward()
+        assert torch.equal(base.grad, torch.ones_like(base))
+        for sample, take_subject in enumerate(mask.tolist()):
+            chosen, other = (delta_c, delta_s) if take_subject else (delta_s, delta_c)
+            assert torch.equal(chosen.grad[sample], torch.ones(5, 16)) and other.grad[sample].abs().sum() == 0

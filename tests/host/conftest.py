@@ -17,6 +17,12 @@ host_support.ensure_cpu()
 host_support.load_pack()  # importable as plora_pack from here on, as ComfyUI imports custom_nodes/<pack>
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_model_folders(tmp_path_factory):
+    """Files the tests write under pytest's temporary root are inside a registered model folder."""
+    host_support.register_test_model_folders(tmp_path_factory.getbasetemp())
+
+
 @pytest.fixture
 def pack():
     return host_support.load_pack()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,6 +110,60 @@ def write_encoders(models: Path) -> None:
     tiny_encoders.build_tiny_dino_v1(str(dino))
 
 
+TEST_NODES_FOLDER = "plora_test_nodes"
+ANY_VALUE_NODE = "PLoRATestAnyValue"
+SINK_NODE = "PLoRATestSink"
+# A test-only custom node pack: the "any type" output many packs use (its type compares equal to every
+# input type, so ComfyUI's validation lets any value through a link), and an output node taking anything.
+TEST_NODES_SOURCE = f'''"""Test-only nodes written by the P-LoRA server tests; not part of the pack."""
+import json
+
+
+class AnyType(str):
+    def __ne__(self, other):
+        return False
+
+
+ANY = AnyType("*")
+
+
+class {ANY_VALUE_NODE}:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {{"required": {{"value_json": ("STRING", {{"default": "null"}})}}}}
+
+    RETURN_TYPES = (ANY,)
+    FUNCTION = "emit"
+    CATEGORY = "testing"
+
+    def emit(self, value_json):
+        return (json.loads(value_json),)
+
+
+class {SINK_NODE}:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {{"required": {{"value": (ANY, {{}})}}}}
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "take"
+    CATEGORY = "testing"
+
+    def take(self, value):
+        return {{"ui": {{"text": [type(value).__name__]}}}}
+
+
+NODE_CLASS_MAPPINGS = {{"{ANY_VALUE_NODE}": {ANY_VALUE_NODE}, "{SINK_NODE}": {SINK_NODE}}}
+'''
+
+
+def write_test_nodes(base: Path) -> None:
+    folder = base / "custom_nodes" / TEST_NODES_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "__init__.py").write_text(TEST_NODES_SOURCE)
+
+
 def build_base_directory(base: Path) -> Path:
     """A copy of this repo in custom_nodes/plora (as a git clone would be), and tiny models."""
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
@@ -124,6 +179,7 @@ def build_base_directory(base: Path) -> Path:
     write_checkpoint(models / "checkpoints" / CHECKPOINT)
     write_loras(models / "loras")
     write_encoders(models)
+    write_test_nodes(base)
     return base
 
 
@@ -153,9 +209,31 @@ class Server:
                                          headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, json.loads(response.read())
+                return response.status, json.loads(response.read() or b"{}")  # /free answers with no body
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read() or b"{}")
+
+    def wait(self, prompt_id: str, timeout: float = 300) -> dict:
+        """The history entry of a queued prompt once it has finished (bounded wait)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                return history[prompt_id]
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited; log:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s; log:\n{self.log.read_text()[-3000:]}")
+
+    def view(self, image: dict):
+        """A PIL image the server saved, from its /view route."""
+        from io import BytesIO
+
+        from PIL import Image
+
+        query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
+        with urllib.request.urlopen(f"{self.url}/view?{query}", timeout=30) as response:
+            return Image.open(BytesIO(response.read())).copy()
 
     def run_prompt(self, prompt: dict, timeout: float = 300) -> dict:
         """Queue an API-format prompt and wait (bounded) for its history entry."""

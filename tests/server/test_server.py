@@ -15,7 +15,7 @@ from workflow_api import check_links, ui_to_api  # noqa: E402
 CHECKOUT = find_checkout()
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 PACK_NODES = ("LoadSubjectStyleLoRA", "PLoRAModelPatcher", "PosteriorMetricGuidanceSampler", "LoadPLoRACLIPEncoder",
-              "LoadPLoRADINOEncoder", "PLoRAEncoderFromCLIPVision")
+              "LoadPLoRADINOEncoder", "PLoRAEncoderFromCLIPVision", "PLoRASelectionMap", "PLoRAComparisonGrid")
 # Placeholder file names in the shipped workflows -> the tiny test models.
 PLACEHOLDERS = {
     "sd_xl_base_1.0.safetensors": server_support.CHECKPOINT,
@@ -85,7 +85,9 @@ def test_shipped_workflow_runs_to_an_image(name, server, object_info):
         assert len(selection) == 3, "subject reference, style reference and selection map previews"
     if name == "plora_comparison.json":
         saved = [o for o in history["outputs"].values() if o.get("images") and o["images"][0]["type"] == "output"]
-        assert len(saved[0]["images"]) == 4, "direct | PFK | PMK | P-LoRA"
+        assert len(saved) == 1 and len(saved[0]["images"]) == 1, "direct | PFK | PMK | P-LoRA as one labelled grid"
+        image = server.view(saved[0]["images"][0])
+        assert image.size == (4 * 64 + 3 * 4, 64 + 16), image.size  # four 64 px images side by side, labels above
 
 
 def test_bad_inputs_come_back_as_node_errors_and_the_server_keeps_serving(server, object_info):
