@@ -72,9 +72,27 @@ def show_whole_graph(page, workflow: dict, scale: float = 0.75) -> None:
     page.wait_for_timeout(1000)
 
 
+def hide_overlays(page) -> None:
+    """No minimap, FPS/info text or canvas menu in the pictures: only the graph."""
+    page.evaluate("""async () => {
+        const settings = window.app.extensionManager && window.app.extensionManager.setting;
+        for (const [id, value] of [["Comfy.Minimap.Visible", false], ["Comfy.Graph.CanvasMenu", false]]) {
+            try { if (settings) await settings.set(id, value); } catch (error) { /* older frontends */ }
+        }
+        window.app.canvas.show_info = false;
+        const style = document.createElement("style");
+        style.textContent = ".litegraph-minimap, .minimap-main-container, .graph-canvas-menu, "
+            + ".p-buttongroup-vertical { display: none !important; }";
+        document.head.appendChild(style);
+        window.app.canvas.setDirty(true, true);
+    }""")
+    page.wait_for_timeout(500)
+
+
 def save_thumbnail(page, path: Path) -> None:
     from PIL import Image
 
+    hide_overlays(page)
     page.locator("#graph-canvas").screenshot(path=str(path))
     with Image.open(path) as image:
         image.thumbnail((1600, 1600))
