@@ -51,12 +51,13 @@ def _accelerated(tensor: torch.Tensor) -> bool:
     return not tensor.is_cpu
 
 
-# (base chunk, delta chunks, channel_dim) -> one float64 per-token value per delta (channel dim of size 1)
+# (base chunk, delta chunks, channel_dim) -> per delta, the chunk's per-token values: a float64 tensor
+# with a channel dim of size 1, or a [k, tokens] tensor of parts that `finish` turns into values
 PerTokens = Callable[[torch.Tensor, Sequence[torch.Tensor], int], list[torch.Tensor]]
 
 
-def _over_tokens(per_tokens: PerTokens, base: torch.Tensor, deltas: Sequence[torch.Tensor],
-                 channel_dim: int) -> tuple[torch.Tensor, ...]:
+def _over_tokens(per_tokens: PerTokens, base: torch.Tensor, deltas: Sequence[torch.Tensor], channel_dim: int,
+                 finish: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
     """Per-sample means (float32 [B]) of a per-token criterion, computed over groups of tokens.
 
     A [B, ..., C] output is read as rows [B * tokens, C], a [B, C, ...] one as B planes
@@ -77,8 +78,11 @@ def _over_tokens(per_tokens: PerTokens, base: torch.Tensor, deltas: Sequence[tor
         for start in range(0, tokens, step):
             chunk = [t.narrow(token_dim, start, min(step, tokens - start)) for t in plane]
             for collected, value in zip(values, per_tokens(chunk[0], chunk[1:], 1 - token_dim)):
-                collected.append(value.reshape(-1))
-    return tuple(torch.cat(v).view(batch, -1).mean(dim=1).float() for v in values)
+                collected.append(value if finish is not None else value.reshape(-1))
+    per_token = [torch.cat(v, dim=-1) for v in values]
+    if finish is not None:
+        per_token = [finish(v) for v in per_token]
+    return tuple(v.view(batch, -1).mean(dim=1).float() for v in per_token)
 
 
 def _channel_sum(x: torch.Tensor, y: torch.Tensor, channel_dim: int, scratch: torch.Tensor) -> torch.Tensor:
@@ -142,22 +146,17 @@ def _series_moments(max_abs: float) -> int | None:
     return None
 
 
-def _kl_from_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """KL = b / (1 + a) - log1p(a) per token, in float64, from a = E_q[e^v - 1], b = E_q[v e^v]."""
-    a, b = a.double(), b.double()
-    return (b / (1.0 + a) - torch.log1p(a)).clamp_(min=0.0)
-
-
 def _kl_tokens(base: torch.Tensor, q: torch.Tensor, delta: torch.Tensor, channel_dim: int,
                work: list[torch.Tensor]) -> torch.Tensor:
-    """KL(softmax(F + D) || softmax(F)) per token (Eq. 11-12), float64, channel dim of size 1.
+    """KL(softmax(F + D) || softmax(F)) per token (Eq. 11-12), as float32 [3, tokens]: r, a - r, b - r.
 
     With p = softmax(F + D), q = softmax(F) and v = D - E_q[D]: p = q e^v / E_q[e^v], so
     KL = E_p[v] - log E_q[e^v] = b / (1 + a) - log1p(a), a = E_q[expm1(v)], b = E_q[v e^v].
     Both a and b are O(Var_q(v)) (E_q[v] = 0): no difference of large numbers remains, and the
     float32 error is about eps * E_q|v|, i.e. a relative error of about eps * sqrt(2 / KL).
-    (The ratio b / (1 + a) is E_p[v], log1p(a) = log E_q[e^v]; the formula holds for any
-    per-token shift of D, so the rounding residual of the centring costs nothing.)
+    (b / (1 + a) is E_p[v] and log1p(a) is log E_q[e^v]; the formula holds for any per-token
+    shift of D, so r = E_q[v], the rounding residual of the centring, enters a and b alike and
+    is kept apart until `_kl_from_parts` adds it back in float64.)
     When |v| is small everywhere (the usual case), a and b come from the moments
     M_k = E_q[v^k]: a = sum_k M_k / k!, b = sum_k M_k / (k - 1)!, exact to SERIES_TOLERANCE
     and cheaper than an elementwise expm1; otherwise from expm1(v) (see `expm1`), in float64
@@ -165,40 +164,63 @@ def _kl_tokens(base: torch.Tensor, q: torch.Tensor, delta: torch.Tensor, channel
     """
     v, scratch, spare = work
     _centred(q, delta, channel_dim, scratch, out=v)
+    token_shape = list(v.shape)
+    token_shape[channel_dim] = 1
+    parts = torch.empty(3, math.prod(token_shape), dtype=torch.float32, device=v.device)
     if _accelerated(v):
         _limit_exponents(v, channel_dim)
-        return _kl_from_elementwise(q, v, channel_dim, work)
+        return _kl_parts_elementwise(q, v, channel_dim, work, parts, token_shape)
     largest = _largest_magnitude(v)
     moments = _series_moments(largest)
     if moments is not None:
-        return _kl_from_moments(q, v, channel_dim, moments, scratch)
+        return _kl_parts_from_moments(q, v, channel_dim, moments, scratch, parts, token_shape)
     if largest > FLOAT32_EXP_LIMIT:  # a huge delta, beyond float32's exponents: all in float64
         q64 = _softmax(base.double(), channel_dim)
         work64 = _workspace(q64, 3)
-        return _kl_from_elementwise(q64, _centred(q64, delta, channel_dim, work64[1], out=work64[0]), channel_dim,
-                                    work64)
-    return _kl_from_elementwise(q, v, channel_dim, work)
+        v64 = _centred(q64, delta, channel_dim, work64[1], out=work64[0])
+        kl = _kl_from_parts(_kl_parts_elementwise(q64, v64, channel_dim, work64, parts.double(), token_shape))
+        parts[:2].zero_()  # a = b - KL = 0: parts that stand for the KL itself, which fits float32 where a, b may not
+        parts[2].copy_(kl)
+        return parts
+    return _kl_parts_elementwise(q, v, channel_dim, work, parts, token_shape)
 
 
 @functools.lru_cache(maxsize=None)
 def _series_coefficients(moments: int) -> torch.Tensor:
-    """[2, K] float64: row 0 gives a = sum_k M_k / k!, row 1 gives b = sum_k M_k / (k - 1)!."""
-    return torch.tensor([[1.0 / math.factorial(k) for k in range(1, moments + 1)],
-                         [1.0 / math.factorial(k - 1) for k in range(1, moments + 1)]], dtype=torch.float64)
+    """[2, K - 1] float32: a - M_1 = sum_(k>=2) M_k / k! and b - M_1 = sum_(k>=2) M_k / (k - 1)!."""
+    return torch.tensor([[1.0 / math.factorial(k) for k in range(2, moments + 1)],
+                         [1.0 / math.factorial(k - 1) for k in range(2, moments + 1)]], dtype=torch.float32)
 
 
-def _kl_from_moments(q: torch.Tensor, v: torch.Tensor, channel_dim: int, moments: int,
-                     scratch: torch.Tensor) -> torch.Tensor:
-    """KL per token from M_1..M_K (M_1 is only centring's rounding residual; it enters a and b alike)."""
-    token_shape = list(v.shape)
-    token_shape[channel_dim] = 1
-    sums = torch.empty([moments] + token_shape, dtype=torch.float32, device=v.device)  # [K, B, ..., 1]
+def _kl_parts_from_moments(q: torch.Tensor, v: torch.Tensor, channel_dim: int, moments: int, scratch: torch.Tensor,
+                           parts: torch.Tensor, token_shape: list[int]) -> torch.Tensor:
+    """[r, a - r, b - r] of `_kl_tokens` from M_1 = r and M_2..M_K (a matmul of the moments)."""
+    higher = torch.empty(moments - 1, parts.shape[1], dtype=torch.float32, device=v.device)  # M_2..M_K
     weighted = torch.mul(q, v, out=scratch)  # q v^k, one power more each round
-    torch.sum(weighted, dim=channel_dim, keepdim=True, out=sums[0])
-    for k in range(1, moments):
-        torch.sum(weighted.mul_(v), dim=channel_dim, keepdim=True, out=sums[k])
-    a, b = torch.tensordot(_series_coefficients(moments).to(v.device), sums.double(), dims=1)
-    return _kl_from_sums(a, b)
+    torch.sum(weighted, dim=channel_dim, keepdim=True, out=parts[0].view(token_shape))
+    for row in higher:
+        torch.sum(weighted.mul_(v), dim=channel_dim, keepdim=True, out=row.view(token_shape))
+    torch.mm(_series_coefficients(moments).to(v.device), higher, out=parts[1:])
+    return parts
+
+
+def _kl_parts_elementwise(q: torch.Tensor, v: torch.Tensor, channel_dim: int, work: list[torch.Tensor],
+                          parts: torch.Tensor, token_shape: list[int]) -> torch.Tensor:
+    """[0, a, b] of `_kl_tokens` with expm1(v) elementwise."""
+    v, scratch, e = work
+    expm1(v, out=e, scratch=scratch)
+    parts[0].zero_()
+    torch.sum(torch.mul(q, e, out=scratch), dim=channel_dim, keepdim=True, out=parts[1].view(token_shape))
+    v_exp = torch.addcmul(v, v, e, out=e)  # v + v (e^v - 1) = v e^v
+    torch.sum(torch.mul(q, v_exp, out=scratch), dim=channel_dim, keepdim=True, out=parts[2].view(token_shape))
+    return parts
+
+
+def _kl_from_parts(parts: torch.Tensor) -> torch.Tensor:
+    """KL = b / (1 + a) - log1p(a) per token, in float64, from [r, a - r, b - r] (see `_kl_tokens`)."""
+    residual, a, b = parts.double()
+    a, b = a.add_(residual), b.add_(residual)
+    return b.div_(a + 1.0).sub_(torch.log1p(a)).clamp_(min=0.0)
 
 
 def _largest_magnitude(v: torch.Tensor) -> float:
@@ -209,17 +231,6 @@ def _largest_magnitude(v: torch.Tensor) -> float:
 def _limit_exponents(v: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """Shift the tokens whose largest v exceeds FLOAT32_EXP_LIMIT down (every criterion is shift-invariant)."""
     return v.sub_(v.amax(dim=channel_dim, keepdim=True).sub_(FLOAT32_EXP_LIMIT).clamp_(min=0.0))
-
-
-def _kl_from_elementwise(q: torch.Tensor, v: torch.Tensor, channel_dim: int,
-                         work: list[torch.Tensor]) -> torch.Tensor:
-    """a = E_q[expm1(v)], b = E_q[v e^v] with expm1 elementwise; KL per token as in `_kl_tokens`."""
-    v, scratch, e = work
-    expm1(v, out=e, scratch=scratch)
-    a = _channel_sum(q, e, channel_dim, scratch)
-    v_exp = torch.addcmul(v, v, e, out=e)  # v + v (e^v - 1) = v e^v
-    b = _channel_sum(q, v_exp, channel_dim, scratch)
-    return _kl_from_sums(a, b)
 
 
 def _workspace(q: torch.Tensor, count: int) -> list[torch.Tensor]:
@@ -235,7 +246,7 @@ def _kl_per_tokens(base: torch.Tensor, deltas: Sequence[torch.Tensor], channel_d
 @torch.no_grad()
 def kl_of_shifts(base: torch.Tensor, deltas: Sequence[torch.Tensor], channel_dim: int) -> tuple[torch.Tensor, ...]:
     """d_k = KL(softmax(F + D_k) || softmax(F)) per sample, Eq. 11-12: the paper's criterion."""
-    return _over_tokens(_kl_per_tokens, base, deltas, channel_dim)
+    return _over_tokens(_kl_per_tokens, base, deltas, channel_dim, finish=_kl_from_parts)
 
 
 def _js_tokens(base: torch.Tensor, q: torch.Tensor, delta: torch.Tensor, channel_dim: int,
