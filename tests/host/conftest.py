@@ -39,3 +39,18 @@ def _unload_models():
     import comfy.model_management
 
     comfy.model_management.unload_all_models()
+
+
+@pytest.fixture(scope="session")
+def encoders(tmp_path_factory):
+    """(CLIP, DINO): tiny random encoders saved in their real formats and loaded by the pack's loaders."""
+    import tiny_encoders
+    from plora_pack.plora_core.encoders import load_dino_encoder, load_open_clip_encoder
+
+    folder = tmp_path_factory.mktemp("encoders")
+    (folder / "clip").mkdir()
+    (folder / "dino").mkdir()
+    _, paths = tiny_encoders.build_tiny_clip(str(folder / "clip"))
+    tiny_encoders.build_tiny_dino_v1(str(folder / "dino"))
+    return (load_open_clip_encoder(tiny_encoders.TINY_CLIP_ARCH, paths["safetensors"]),
+            load_dino_encoder(str(folder / "dino")))

@@ -7,25 +7,11 @@ factors), and with a guidance window that starts late.
 """
 
 import pytest
-import tiny_encoders
 import torch
 from host_support import (attention_paths, module_shapes, sample, sd15_conditioning, tiny_sd15, tiny_vae,
                           write_kohya_lora)
 
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def encoders(tmp_path_factory):
-    from plora_pack.plora_core.encoders import load_dino_encoder, load_open_clip_encoder
-
-    folder = tmp_path_factory.mktemp("encoders")
-    (folder / "clip").mkdir()
-    (folder / "dino").mkdir()
-    _, paths = tiny_encoders.build_tiny_clip(str(folder / "clip"))
-    tiny_encoders.build_tiny_dino_v1(str(folder / "dino"))
-    return (load_open_clip_encoder(tiny_encoders.TINY_CLIP_ARCH, paths["safetensors"]),
-            load_dino_encoder(str(folder / "dino")))
 
 
 @pytest.fixture

@@ -9,26 +9,12 @@ so fast mode's steps must match it at every sigma, and would not without its d x
 
 import comfy.sample
 import pytest
-import tiny_encoders
 import torch
 import torch.nn.functional as F
 from host_support import sd15_conditioning, tiny_sd15, tiny_vae
 
 STEPS = 20
 CFG = 4.0
-
-
-@pytest.fixture(scope="module")
-def encoders(tmp_path_factory):
-    from plora_pack.plora_core.encoders import load_dino_encoder, load_open_clip_encoder
-
-    folder = tmp_path_factory.mktemp("encoders")
-    (folder / "clip").mkdir()
-    (folder / "dino").mkdir()
-    _, paths = tiny_encoders.build_tiny_clip(str(folder / "clip"))
-    tiny_encoders.build_tiny_dino_v1(str(folder / "dino"))
-    return (load_open_clip_encoder(tiny_encoders.TINY_CLIP_ARCH, paths["safetensors"]),
-            load_dino_encoder(str(folder / "dino")))
 
 
 class GaussianOptimalNetwork(torch.nn.Module):
