@@ -157,21 +157,25 @@ def seconds_per_step(model_patcher, steps: int, latent: int) -> tuple[float, flo
 
 
 class InstalledGate:
-    """Runs a variant with `gate_deltas` of the pack's gated layers replaced (the pack's own when None)."""
+    """Runs a variant whose gated layers decide with `gate_deltas` (the pack's own LayerGate when None)."""
 
     def __init__(self, gate_deltas=None):
-        import plora_pack.plora_core.gated_layer as gated_layer
+        from plora_pack.plora_core.gate import LayerGate
 
-        self.module = gated_layer
+        self.layer_gate = LayerGate
         self.replacement = gate_deltas
 
     def __enter__(self):
-        self.original = self.module.gate_deltas
-        if self.replacement is not None:
-            self.module.gate_deltas = self.replacement
+        self.original = self.layer_gate._gate
+        replacement = self.replacement
+        if replacement is not None:
+            def _gate(gate, name, base, subject_delta, style_delta):
+                return replacement(base, subject_delta, style_delta, gate.rule.criterion, gate.rule.style_bias,
+                                   gate.channel_dim)
+            self.layer_gate._gate = _gate
 
     def __exit__(self, *exc):
-        self.module.gate_deltas = self.original
+        self.layer_gate._gate = self.original
 
 
 def main() -> None:
@@ -205,7 +209,7 @@ def main() -> None:
         args.dtype or ("fp16" if torch.cuda.is_available() else "fp32")]
     model = build_unet("cuda" if torch.cuda.is_available() else "cpu", dtype)
 
-    from plora_pack.nodes.gating import LoraChoice, SubjectStyleLoras, build_gated_model
+    from plora_pack.nodes.gate import LoraChoice, SubjectStyleLoras, build_gated_model, gated_layers
     from plora_pack.nodes.lora_mapping import map_lora_onto_model
     from plora_pack.plora_core.lora_file import read_lora_file
 
@@ -218,7 +222,7 @@ def main() -> None:
         for lora in loras:
             direct.add_patches(map_lora_onto_model(model, lora).raw_patches, 1.0)
         gated = build_gated_model(model, SubjectStyleLoras(LoraChoice(loras[0], 1.0), LoraChoice(loras[1], 1.0)))
-        gated_layers = len(gated.object_patches)
+        gated_count = len(gated_layers(gated))
         variants = [("base", model, None), ("direct merge", direct, None), ("P-LoRA gate", gated, None),
                     ("straightforward", gated, straightforward_gate_deltas)]
         variants = [v for v in variants if not any(word in v[0] for word in args.skip)]
@@ -233,7 +237,7 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     logger.info("SD1.5-shaped UNet, latent %dx%d (%dx%d px), batch 1 + CFG, rank-%d LoRAs, %d gated layers, %s, %s, "
-                "allocator %s%s", args.latent, args.latent, 8 * args.latent, 8 * args.latent, args.rank, gated_layers,
+                "allocator %s%s", args.latent, args.latent, 8 * args.latent, 8 * args.latent, args.rank, gated_count,
                 dtype, device, "keeps freed memory" if kept else "default",
                 ", denormals flushed" if args.flush_denormal else "")
     for name, seconds in times.items():

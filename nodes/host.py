@@ -26,6 +26,33 @@ try:
 except ImportError:  # 2024 core
     _lora_convert = None
 
+try:
+    import comfy.patcher_extension as _patcher_extension
+except ImportError:  # 2024 core: no wrappers; per-layer behaviour is object-patched when the node runs
+    _patcher_extension = None
+
+RUN_TIME_LAYER_PATCHES = _patcher_extension is not None
+logger.debug("P-LoRA: per-layer gates are installed %s", "at run time (APPLY_MODEL wrapper)"
+             if RUN_TIME_LAYER_PATCHES else "when the node runs (object patches; this ComfyUI has no wrappers)")
+
+
+def add_model_call_wrapper(model_patcher, key: str, wrapper) -> None:
+    """Wrap every call of the diffusion model (`BaseModel.apply_model`, every model family) on this clone.
+
+    `wrapper(executor, x, sigma, c_concat, c_crossattn, control, transformer_options, **kwargs)`
+    gets in `executor.class_obj` the model instance that actually runs (ComfyUI may run a deep
+    copy: multi-GPU, hooked conditioning), so per-layer behaviour installed from there never goes
+    stale. Only when RUN_TIME_LAYER_PATCHES.
+    """
+    model_patcher.add_wrapper_with_key(_patcher_extension.WrappersMP.APPLY_MODEL, key, wrapper)
+
+
+def model_call_wrappers(model_patcher, key: str) -> list:
+    """The wrappers `add_model_call_wrapper` added under `key` ([] on the 2024 core)."""
+    if not RUN_TIME_LAYER_PATCHES:
+        return []
+    return list(model_patcher.get_wrappers(_patcher_extension.WrappersMP.APPLY_MODEL, key))
+
 # model_config class name fragments -> the family names plora_core.lora_info uses
 _MODEL_FAMILIES = (("Flux", "Flux"), ("SD3", "SD3"), ("SDXL", "SDXL"), ("SSD1B", "SDXL"), ("Segmind", "SDXL"),
                    ("SD2", "SD2"), ("SD15", "SD1.5"))
@@ -89,13 +116,32 @@ def lora_factors(patch):
     return up, down, alpha, mid
 
 
+def is_quantized(tensor: torch.Tensor) -> bool:
+    """A quantized weight (comfy-kitchen's QuantizedTensor: fp8 mixed, nvfp4, mxfp8, int8; GGUF's
+    GGMLTensor): a tensor subclass that stays quantized under `.to(float32)` and `clone()`."""
+    plain = (torch.Tensor, torch.nn.Parameter)
+    return type(tensor) not in plain and callable(getattr(type(tensor), "dequantize", None))
+
+
+def dequantized(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain float32 CPU copy of a weight, dequantized explicitly when it is quantized.
+
+    Arithmetic on a quantized weight works on a temporary dequantized copy and leaves the
+    weight as it was, so a patch added onto it would silently add nothing.
+    """
+    if is_quantized(tensor):
+        tensor = tensor.dequantize()
+    return tensor.detach().to(device="cpu", dtype=torch.float32, copy=True)
+
+
 def dense_delta(patch, strength: float, base: torch.Tensor, key: str, offset=None, function=None) -> torch.Tensor:
     """W(patched) - W0 in float32 on the CPU, computed by ComfyUI's own calculate_weight.
 
     Used for adapters with no factored form (LoHa, LoKr, DoRA, GLoRA, full diffs) and bias
-    diffs, so every adapter ComfyUI reads is also read here.
+    diffs, so every adapter ComfyUI reads is also read here. A quantized W0 is dequantized once,
+    here, when the node runs (never per model call).
     """
-    w0 = base.detach().to(device="cpu", dtype=torch.float32, copy=True)
+    w0 = dequantized(base)
     patched = comfy.lora.calculate_weight([(strength, patch, 1.0, offset, function)], w0.clone(), key)
     return patched.float() - w0
 
@@ -117,6 +163,11 @@ def unpatched_parameter(model_patcher, key: str, current: torch.Tensor) -> torch
 
 def get_module(model_patcher, path: str) -> torch.nn.Module:
     return comfy.utils.get_attr(model_patcher.model, path)
+
+
+def get_attr(obj, path: str):
+    """`obj.a.b.c` for path 'a.b.c' (ComfyUI's own lookup, also through ModuleList indices)."""
+    return comfy.utils.get_attr(obj, path)
 
 
 # ---------------------------------------------------------------- model files
@@ -301,3 +352,25 @@ def run_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, neg
     out = latent_image.copy()
     out["samples"] = samples
     return out
+
+
+# ---------------------------------------------------------------- sampler-level wrappers (guidance)
+
+SAMPLER_WRAPPERS = _patcher_extension is not None
+logger.debug("P-LoRA: %s", "the PLoRAMetricGuidance MODEL learns each run from ComfyUI's OUTER_SAMPLE wrapper"
+             if SAMPLER_WRAPPERS else "this ComfyUI has no sampler wrappers: guidance runs only through "
+             "PosteriorMetricGuidanceSampler")
+
+
+def add_outer_sample_wrapper(model_patcher, key: str, wrapper) -> None:
+    """Wrap every sampling run of this clone (`CFGGuider.outer_sample`, whichever node samples it).
+
+    `wrapper(executor, noise, latent_image, sampler, sigmas, *args, **kwargs)` gets the guider in
+    `executor.class_obj`, the KSAMPLER and the run's sigmas. The 2024 core has no such wrapper.
+    """
+    if not SAMPLER_WRAPPERS:
+        raise RuntimeError("P-LoRA Metric Guidance (the guided MODEL) needs a ComfyUI with sampler wrappers "
+                           "(comfy.patcher_extension, December 2024 or newer): it reads the sampler, sigmas and cfg "
+                           "of each run from them. Update ComfyUI, or use P-LoRA Metric Guidance Sampler "
+                           "(PosteriorMetricGuidanceSampler), which configures the run itself.")
+    model_patcher.add_wrapper_with_key(_patcher_extension.WrappersMP.OUTER_SAMPLE, key, wrapper)

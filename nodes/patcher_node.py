@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..plora_core.divergence import DIVERGENCES
-from .gating import build_gated_model
+from .gate import build_gated_model
 from .load_pair import PAIR_TYPE
 
 

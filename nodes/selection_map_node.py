@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from ..plora_core.gated_layer import GatedForward
 from ..plora_core.recorder import COND, UNCOND
 from ..plora_core.selection_map import blank_map, recorded_images, selection_map
-from .gating import gate_state_of
+from .gate import gate_state_of, gated_layers
 
 logger = logging.getLogger("plora")
 
@@ -61,7 +60,7 @@ class PLoRASelectionMap:
     @staticmethod
     def _empty_window(model, state, cell_size):
         """The sampler ran but no step fell inside the gate's window: an all-grey map and a note, no failure."""
-        layers = sum(isinstance(patch, GatedForward) for patch in model.object_patches.values())
+        layers = len(gated_layers(model))
         steps = state.step + 1
         note = (f"The gate window (start_percent to end_percent of P-LoRA Model Patcher) held none of the last "
                 f"run's {steps} step(s): the gate decided nothing and both LoRAs were merged directly. Widen the "

@@ -2,7 +2,7 @@
 
 Posterior feature knowledge (paper section 4.1, Eq. 9-13):
 - `divergence`, `gate`: the feature divergences and the gate itself;
-- `deltas`, `gated_layer`: applying two LoRAs to one layer's input and gating them;
+- `deltas`: applying a LoRA to one layer's input; `gate` (`LayerGate`) gates the two per layer;
 - `recorder`, `selection_map`: the decisions per (step, layer, sample) and their picture.
 
 Posterior metric knowledge (section 4.2, Eq. 14-20):

@@ -2,7 +2,7 @@ import torch
 
 from plora_core.deltas import LayerDelta, LayerGeometry, LowRankPart
 from plora_core.gate import gate
-from plora_core.gated_layer import GatedForward
+from plora_core.gate import LayerGate
 from plora_core.recorder import STYLE, SUBJECT, GateState
 
 
@@ -69,7 +69,7 @@ def test_gated_forward_records_every_call_and_obeys_the_window():
     layer = torch.nn.Linear(6, 5)
     up_c, down_c, up_s, down_s = torch.randn(5, 2), torch.randn(2, 6), torch.randn(5, 2), torch.randn(2, 6)
     state = GateState(sigma_high=10.0, sigma_low=1.0)
-    gated = GatedForward("blk.proj", layer.forward, _linear_delta(up_c, down_c), _linear_delta(up_s, down_s), state)
+    gated = LayerGate("blk.proj", _linear_delta(up_c, down_c), _linear_delta(up_s, down_s), state).bind(layer.forward)
     x = torch.randn(3, 4, 6)
     for sigma in [14.0, 8.0, 3.0, 0.5]:
         state.begin_model_call(sigma)

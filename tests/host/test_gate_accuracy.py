@@ -115,16 +115,16 @@ def test_every_decision_in_a_sampling_run_matches_float64(pack, tmp_path, monkey
     patched = pack.nodes.PLoRAModelPatcher().patch(model, pair, "kl", 1.0, 0.0, 1.0)[0]
 
     calls = []
-    gated_layer = pack.plora_core.gated_layer
-    original = gated_layer.gate_deltas
+    rule = pack.plora_core.gate.DivergenceRule
+    original = rule.__call__
 
-    def capture(base, subject_delta, style_delta, criterion="kl", style_bias=1.0, channel_dim=-1):
-        out, mask = original(base, subject_delta, style_delta, criterion, style_bias, channel_dim)
+    def capture(self, layer, base, subject_delta, style_delta, channel_dim):
+        mask = original(self, layer, base, subject_delta, style_delta, channel_dim)
         calls.append((base.detach().clone(), subject_delta.detach().clone(), style_delta.detach().clone(),
                       channel_dim, mask.clone()))
-        return out, mask
+        return mask
 
-    monkeypatch.setattr(gated_layer, "gate_deltas", capture)
+    monkeypatch.setattr(rule, "__call__", capture)
     sample(patched, steps=3)
     assert len(calls) >= 3 * len(paths), "every gated layer ran at every step"
 

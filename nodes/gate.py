@@ -1,20 +1,26 @@
-"""Build the KL-gated clone of a MODEL: the work behind PLoRAModelPatcher.
+"""Install the gate in ComfyUI: the KL-gated clone of a MODEL behind PLoRAModelPatcher.
 
-Layers both LoRAs touch get a GatedForward object-patched over their bound `forward`
-(so the host's own forward, with casting, offloading and other LoRAs' patches, still
-runs inside). Layers only one LoRA touches get that LoRA through ComfyUI's own
-`add_patches`, exactly as a direct merge would.
+The gate's maths is `plora_core/gate.py`; this is its glue. Layers both LoRAs touch get a
+`LayerGate`. A `GateInstaller`, added as a wrapper of every diffusion-model call, sets each
+gate over its layer's `forward` on the model instance that actually runs, for the length of
+the call, and puts the layers back afterwards (so the host's own forward, with casting,
+offloading and other LoRAs' patches, still runs inside, and a model instance ComfyUI builds
+later - hooks, multi-GPU, compile - is gated too: nothing captured when the node ran can go
+stale). The 2024 core has no wrappers: there the gates are object-patched when the node runs.
+Layers only one LoRA touches get that LoRA through ComfyUI's own `add_patches`, exactly as a
+direct merge would.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..plora_core.deltas import DensePart, LayerDelta, LayerGeometry, LowRankPart, normalise_factors
-from ..plora_core.gated_layer import GatedForward, RowSlice
+from ..plora_core.gate import DivergenceRule, GatedForward, LayerGate, RowSlice
 from ..plora_core.lora_file import LoraFile, LoraFileError
 from ..plora_core.lora_info import families_compatible, lora_family
 from ..plora_core.recorder import GateState
@@ -98,8 +104,9 @@ def check_merged_shapes(model_patcher, mapped: MappedLora) -> None:
             if factors is None or getattr(module, "weight", None) is None:
                 continue
             up, down, _, mid = factors
-            rows = module.weight.shape[0] if offset is None else int(offset[2])
-            fits = up.shape[0] == rows and (mid is not None or down[0].numel() == module.weight[0].numel())
+            shape = module.weight.shape  # shapes only: indexing a quantized weight would dequantize it all
+            rows = shape[0] if offset is None else int(offset[2])
+            fits = up.shape[0] == rows and (mid is not None or down[0].numel() == math.prod(shape[1:]))
             if not fits:
                 raise ValueError(
                     f"Layer {patches.path} (LoRA {mapped.name}): LoRA factors up {tuple(up.shape)}, down "
@@ -153,18 +160,68 @@ def _merge_patches(model_patcher, mapped: MappedLora, strength: float, skip_modu
     model_patcher.add_patches(chosen, strength)
 
 
-def _install_step_tracker(model_patcher, state: GateState) -> None:
-    """A model-call wrapper that tells the gate the current sigma (chains any existing one)."""
-    previous = model_patcher.model_options.get("model_function_wrapper")
+GATE_KEY = "plora_gate"
+_NOT_SET = object()
 
-    def plora_step_tracker(apply_model, args):
-        options = args["c"].get("transformer_options", {})
-        state.begin_model_call(float(args["timestep"].max()), options.get("sample_sigmas"), args.get("cond_or_uncond"))
-        if previous is not None:
-            return previous(apply_model, args)
-        return apply_model(args["input"], args["timestep"], **args["c"])
 
-    model_patcher.set_model_unet_function_wrapper(plora_step_tracker)
+class GateInstaller:
+    """The gates of one patched model, installed around each model call (an APPLY_MODEL wrapper).
+
+    On each call it tells the shared GateState the current sigma (which step of the run this is,
+    and which rows are cond / uncond), then sets every gate over its layer's `forward` on the
+    model instance the executor runs, and restores the layers when the call returns.
+    """
+
+    def __init__(self, gates: dict[str, LayerGate], state: GateState):
+        self.gates = gates
+        self.state = state
+        self._depth = 0
+
+    def __deepcopy__(self, memo):  # clones and model copies share the gates (and their caches)
+        return self
+
+    def begin_model_call(self, sigma: torch.Tensor, transformer_options: dict) -> None:
+        self.state.begin_model_call(float(sigma.max()), transformer_options.get("sample_sigmas"),
+                                    transformer_options.get("cond_or_uncond"))
+
+    def __call__(self, executor, x, sigma, *args, **kwargs):
+        options = kwargs.get("transformer_options", args[3] if len(args) > 3 else {})
+        self.begin_model_call(sigma, options or {})
+        if self._depth:  # a model call inside a model call: the layers are gated already
+            return executor(x, sigma, *args, **kwargs)
+        installed = []
+        self._depth += 1
+        try:
+            for path, gate in self.gates.items():
+                module = host.get_attr(executor.class_obj, path)
+                installed.append((module, module.__dict__.get("forward", _NOT_SET)))
+                module.forward = gate.bind(module.forward)
+            return executor(x, sigma, *args, **kwargs)
+        finally:
+            self._depth -= 1
+            for module, previous in reversed(installed):
+                if previous is _NOT_SET:
+                    del module.forward
+                else:
+                    module.forward = previous
+
+    def install(self, model_patcher) -> None:
+        """Put the gates on a clone: at run time where the host has wrappers, else as object patches."""
+        if host.RUN_TIME_LAYER_PATCHES:
+            host.add_model_call_wrapper(model_patcher, GATE_KEY, self)
+            return
+        for path, gate in self.gates.items():
+            model_patcher.add_object_patch(f"{path}.forward",
+                                           gate.bind(model_patcher.get_model_object(f"{path}.forward")))
+        previous = model_patcher.model_options.get("model_function_wrapper")
+
+        def plora_step_tracker(apply_model, args):
+            self.begin_model_call(args["timestep"], args["c"].get("transformer_options", {}))
+            if previous is not None:
+                return previous(apply_model, args)
+            return apply_model(args["input"], args["timestep"], **args["c"])
+
+        model_patcher.set_model_unet_function_wrapper(plora_step_tracker)
 
 
 def build_gated_model(model, pair: SubjectStyleLoras, criterion: str = "kl", style_bias: float = 1.0,
@@ -180,6 +237,7 @@ def build_gated_model(model, pair: SubjectStyleLoras, criterion: str = "kl", sty
     sampling = model.get_model_object("model_sampling")
     state = GateState(sigma_high=float(sampling.percent_to_sigma(start_percent)),
                       sigma_low=float(sampling.percent_to_sigma(end_percent)))
+    rule = DivergenceRule(criterion, style_bias)
     try:
         for choice in active:
             check_merged_shapes(model, mapped[id(choice)])
@@ -190,9 +248,8 @@ def build_gated_model(model, pair: SubjectStyleLoras, criterion: str = "kl", sty
             geometry = LayerGeometry.of_module(module)
             subject = layer_delta(mapped[id(pair.subject)].modules[path], pair.subject, geometry, module, model)
             style = layer_delta(mapped[id(pair.style)].modules[path], pair.style, geometry, module, model)
-            original = model.get_model_object(f"{path}.forward")
             row_slices = fused_row_slices(key_map, path, geometry.out_channels)
-            gates[path] = GatedForward(path, original, subject, style, state, criterion, style_bias, row_slices)
+            gates[path] = LayerGate(path, subject, style, state, rule, row_slices)
     except ValueError as error:
         for choice in active:
             mismatch = family_mismatch(model, choice.file)
@@ -203,18 +260,23 @@ def build_gated_model(model, pair: SubjectStyleLoras, criterion: str = "kl", sty
     patched = model.clone()
     for choice in active:
         _merge_patches(patched, mapped[id(choice)], choice.strength, shared)
-    for path, gated in gates.items():
-        patched.add_object_patch(f"{path}.forward", gated)
     if gates:
-        _install_step_tracker(patched, state)
+        GateInstaller(gates, state).install(patched)
     logger.info("P-LoRA: %d layers gated (%s), %d merged directly", len(gates), criterion,
                 sum(len(mapped[id(c)].modules) for c in active) - 2 * len(gates))
     return patched
 
 
+def gated_layers(model_patcher) -> dict[str, LayerGate]:
+    """path -> LayerGate of a gated MODEL ({} if it has no P-LoRA gate)."""
+    for wrapper in host.model_call_wrappers(model_patcher, GATE_KEY):
+        if isinstance(wrapper, GateInstaller):
+            return dict(wrapper.gates)
+    return {key[: -len(".forward")]: value.gate for key, value in model_patcher.object_patches.items()
+            if isinstance(value, GatedForward)}
+
+
 def gate_state_of(model_patcher) -> GateState | None:
     """The GateState of a gated MODEL (for the recorder), or None if it has no P-LoRA gate."""
-    for value in model_patcher.object_patches.values():
-        if isinstance(value, GatedForward):
-            return value.state
-    return None
+    gates = gated_layers(model_patcher)
+    return next(iter(gates.values())).state if gates else None
