@@ -14,150 +14,21 @@ direct merge would.
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
 
 import torch
 
-from ..plora_core.deltas import DensePart, LayerDelta, LayerGeometry, LowRankPart, normalise_factors
-from ..plora_core.gate import DivergenceRule, GatedForward, LayerGate, RowSlice
-from ..plora_core.lora_file import LoraFile, LoraFileError
-from ..plora_core.lora_info import families_compatible, lora_family
-from ..plora_core.recorder import GateState
+from ..plora_core.deltas import LayerGeometry
+from ..plora_core.fusion_rules import (B_LORA_CONTENT_BLOCK, B_LORA_STYLE_BLOCK, KLoraRule, b_lora_routing,
+                                       klora_layer_scores, schedule_position)
+from ..plora_core.gate import DivergenceRule, LayerGate, RowSlice
+from ..plora_core.lora_file import LoraFileError
+from ..plora_core.recorder import BOTH_VALUE, STYLE, SUBJECT, GateState
 from . import host
-from .lora_mapping import MappedLora, ModulePatches, map_lora_onto_model
+from .lora_mapping import map_lora_onto_model
+from .lora_pair import (LoraChoice, SubjectStyleLoras, check_merged_shapes, family_mismatch,  # noqa: F401
+                        fused_row_slices, layer_delta, merge_patches)
 
 logger = logging.getLogger("plora")
-
-
-@dataclass
-class LoraChoice:
-    """One LoRA of the pair as the user chose it."""
-
-    file: LoraFile
-    strength: float
-
-    @property
-    def name(self) -> str:
-        return self.file.name
-
-
-@dataclass
-class SubjectStyleLoras:
-    """The PLORA_PAIR value passed from LoadSubjectStyleLoRA to PLoRAModelPatcher."""
-
-    subject: LoraChoice
-    style: LoraChoice
-
-
-def layer_delta(patches: ModulePatches, choice: LoraChoice, geometry: LayerGeometry,
-                module: torch.nn.Module, model_patcher=None) -> LayerDelta:
-    """One LoRA's delta on one layer: factored where it can be, dense (via the host) otherwise.
-
-    Dense deltas (DoRA's above all) depend on W0: with `model_patcher` given it is read without
-    patches another clone may have merged into the shared weights.
-    """
-    delta = LayerDelta(geometry)
-
-    def base(param: str) -> torch.Tensor:
-        current = getattr(module, param)
-        if model_patcher is None:
-            return current
-        return host.unpatched_parameter(model_patcher, f"{patches.path}.{param}", current)
-
-    layer = f"{patches.path} (LoRA {choice.name})"
-    for patch, offset, function in patches.weight:
-        factors = host.lora_factors(patch) if function is None else None
-        if factors is not None and (offset is None or offset[0] == 0):
-            up, down, alpha, mid = factors
-            rows = None if offset is None else (int(offset[1]), int(offset[2]))
-            up, down, mid = normalise_factors(geometry, up, down, mid, None if rows is None else rows[1], layer)
-            scale = choice.strength * (alpha / down.shape[0] if alpha is not None else 1.0)
-            mid = None if mid is None else mid.float()
-            delta.low_rank.append(LowRankPart(up.float(), down.float(), scale, mid, rows))
-        else:
-            dense = host.dense_delta(patch, choice.strength, base("weight"), f"{patches.path}.weight", offset, function)
-            delta.dense.append(DensePart(dense))
-    for patch, offset, function in patches.bias:
-        if module.bias is None:
-            raise ValueError(f"Layer {layer}: the LoRA changes a bias this layer does not have.")
-        bias = host.dense_delta(patch, choice.strength, base("bias"), f"{patches.path}.bias", offset, function)
-        delta.bias = bias if delta.bias is None else delta.bias + bias
-    return delta
-
-
-def family_mismatch(model_patcher, lora: LoraFile) -> str | None:
-    """The family message for a LoRA whose layers do not fit, when its file says another family."""
-    family, model_family = lora_family(lora.tensors, lora.metadata), host.model_family(model_patcher)
-    if families_compatible(family, model_family):
-        return None
-    return (f"LoRA file {lora.name} is a {family} LoRA but the model is {model_family}, so its layers do not fit. "
-            f"Pick a LoRA trained for {model_family}, or load a {family} checkpoint.")
-
-
-def check_merged_shapes(model_patcher, mapped: MappedLora) -> None:
-    """Factored patches that go through add_patches must fit their layer (the host only logs)."""
-    for patches in mapped.modules.values():
-        module = host.get_module(model_patcher, patches.path)
-        for patch, offset, _ in patches.weight:
-            factors = host.lora_factors(patch)
-            if factors is None or getattr(module, "weight", None) is None:
-                continue
-            up, down, _, mid = factors
-            shape = module.weight.shape  # shapes only: indexing a quantized weight would dequantize it all
-            rows = shape[0] if offset is None else int(offset[2])
-            fits = up.shape[0] == rows and (mid is not None or down[0].numel() == math.prod(shape[1:]))
-            if not fits:
-                raise ValueError(
-                    f"Layer {patches.path} (LoRA {mapped.name}): LoRA factors up {tuple(up.shape)}, down "
-                    f"{tuple(down.shape)} do not fit the layer's weight {tuple(module.weight.shape)}. The LoRA "
-                    "was probably trained for another base model; pick one made for this checkpoint."
-                )
-
-
-def fused_row_slices(key_map: dict, path: str, out_channels: int) -> tuple[RowSlice, ...]:
-    """The row slices ComfyUI's key map cuts a fused layer into (Flux qkv: to_q, to_k, to_v;
-    linear1: to_q, to_k, to_v, proj_mlp), named after the separate layers of the diffusers model.
-
-    Empty for an ordinary layer. Rows no slice covers form slices of their own, so every output
-    channel is gated exactly once.
-    """
-    weight_key = f"{path}.weight"
-    found: dict[tuple[int, int], str] = {}
-    for lora_key, target in key_map.items():
-        if isinstance(target, str) or target[0] != weight_key or target[1] is None or target[1][0] != 0:
-            continue
-        span = (int(target[1][1]), int(target[1][2]))
-        name = lora_key.rpartition(".")[2]  # diffusers names end in the layer's own name
-        if "." in lora_key and (span not in found or len(name) < len(found[span])):
-            found[span] = name
-        found.setdefault(span, lora_key)
-    # keep the finest cut: newer ComfyUI also maps e.g. `linear1_qkv` onto the union of q, k and v
-    finest = {span: name for span, name in found.items()
-              if not any(other != span and span[0] <= other[0] and other[0] + other[1] <= span[0] + span[1]
-                         for other in found)}
-    if not finest:
-        return ()
-    slices, cursor = [], 0
-    for (start, length), name in sorted(finest.items()):
-        if start < cursor:  # overlapping spans: not a partition the gate can use
-            return ()
-        if start > cursor:
-            slices.append(RowSlice(f"rows {cursor}-{start - 1}", cursor, start - cursor))
-        slices.append(RowSlice(name, start, length))
-        cursor = start + length
-    if cursor < out_channels:
-        slices.append(RowSlice(f"rows {cursor}-{out_channels - 1}", cursor, out_channels - cursor))
-    return tuple(slices)
-
-
-def _merge_patches(model_patcher, mapped: MappedLora, strength: float, skip_modules: set[str]) -> None:
-    chosen = {}
-    for target, patch in mapped.raw_patches.items():
-        key = target if isinstance(target, str) else target[0]
-        if key.rpartition(".")[0] not in skip_modules:
-            chosen[target] = patch
-    model_patcher.add_patches(chosen, strength)
 
 
 GATE_KEY = "plora_gate"
@@ -172,21 +43,24 @@ class GateInstaller:
     model instance the executor runs, and restores the layers when the call returns.
     """
 
-    def __init__(self, gates: dict[str, LayerGate], state: GateState):
+    def __init__(self, gates: dict[str, LayerGate], state: GateState, static: dict[str, float] | None = None):
         self.gates = gates
         self.state = state
+        self.static = dict(static or {})  # layer -> a fixed choice (1 subject, 0 style, 0.5 both, NaN none)
         self._depth = 0
 
     def __deepcopy__(self, memo):  # clones and model copies share the gates (and their caches)
         return self
 
-    def begin_model_call(self, sigma: torch.Tensor, transformer_options: dict) -> None:
+    def begin_model_call(self, x: torch.Tensor, sigma: torch.Tensor, transformer_options: dict) -> None:
         self.state.begin_model_call(float(sigma.max()), transformer_options.get("sample_sigmas"),
                                     transformer_options.get("cond_or_uncond"))
+        for layer, value in self.static.items():  # a fixed rule decides the same at every call
+            self.state.record(layer, torch.full((x.shape[0],), value))
 
     def __call__(self, executor, x, sigma, *args, **kwargs):
         options = kwargs.get("transformer_options", args[3] if len(args) > 3 else {})
-        self.begin_model_call(sigma, options or {})
+        self.begin_model_call(x, sigma, options or {})
         if self._depth:  # a model call inside a model call: the layers are gated already
             return executor(x, sigma, *args, **kwargs)
         installed = []
@@ -207,6 +81,7 @@ class GateInstaller:
 
     def install(self, model_patcher) -> None:
         """Put the gates on a clone: at run time where the host has wrappers, else as object patches."""
+        model_patcher.model_options.setdefault("transformer_options", {})[GATE_KEY] = self  # for the selection map
         if host.RUN_TIME_LAYER_PATCHES:
             host.add_model_call_wrapper(model_patcher, GATE_KEY, self)
             return
@@ -216,7 +91,7 @@ class GateInstaller:
         previous = model_patcher.model_options.get("model_function_wrapper")
 
         def plora_step_tracker(apply_model, args):
-            self.begin_model_call(args["timestep"], args["c"].get("transformer_options", {}))
+            self.begin_model_call(args["input"], args["timestep"], args["c"].get("transformer_options", {}))
             if previous is not None:
                 return previous(apply_model, args)
             return apply_model(args["input"], args["timestep"], **args["c"])
@@ -224,9 +99,76 @@ class GateInstaller:
         model_patcher.set_model_unet_function_wrapper(plora_step_tracker)
 
 
+METHODS = ("p-lora", "direct", "k-lora", "b-lora")
+
+
+class KLoraSelection:
+    """K-LoRA's rule as a SelectionRule: one choice per layer and step, the same for every sample,
+    with the step read from the run's own sigma schedule (any step count, any sampler)."""
+
+    def __init__(self, rule: KLoraRule, state: GateState, model_sampling):
+        self.rule = rule
+        self.state = state
+        self.model_sampling = model_sampling
+        self._warned = False
+
+    def progress(self) -> tuple[float, int]:
+        """(position in steps, number of steps) of the current model call in its run."""
+        schedule = self.state.sample_sigmas
+        if len(schedule) > 1:
+            return schedule_position(self.state.sigma, schedule), len(schedule) - 1
+        # The host does not tell the run's schedule (the 2024 core): progress from the noise level,
+        # as a fraction of the model's timesteps, in 1000 fine steps.
+        if not self._warned:
+            logger.warning("P-LoRA k-lora: this ComfyUI does not tell the sampler's sigma schedule; K-LoRA's "
+                           "time is taken from the noise level instead (close to, not exactly, its step count).")
+            self._warned = True
+        timestep = float(self.model_sampling.timestep(torch.tensor([self.state.sigma])).reshape(-1)[0])
+        return 1000.0 * (1.0 - min(max(timestep / 1000.0, 0.0), 1.0)), 1000
+
+    def __call__(self, layer, base, subject_delta, style_delta, channel_dim):
+        position, steps = self.progress()
+        take_subject = self.rule.choose_subject(layer, position, steps)
+        return torch.full((base.shape[0],), take_subject, dtype=torch.bool, device=base.device)
+
+    def __repr__(self) -> str:
+        return repr(self.rule)
+
+
+def _gate_names(path: str, row_slices: tuple[RowSlice, ...]) -> list[tuple[str, tuple[int, int] | None]]:
+    """The names a layer's decisions are recorded under, with their rows: `path`, or `path[slice]`."""
+    if not row_slices:
+        return [(path, None)]
+    return [(f"{path}[{piece.name}]", (piece.start, piece.length)) for piece in row_slices]
+
+
+def _b_lora_modules(model, pair: SubjectStyleLoras, mapped: dict, active: list) -> dict[int, set[str]]:
+    """Per LoRA, the modules B-LoRA lets it act on (subject: content block, style: style block)."""
+    family = host.model_family(model)
+    kept = {}
+    for choice, role, block in ((pair.subject, SUBJECT, B_LORA_CONTENT_BLOCK), (pair.style, STYLE, B_LORA_STYLE_BLOCK)):
+        if choice not in active:
+            continue
+        kept[id(choice)] = {path for path in mapped[id(choice)].modules if role in b_lora_routing(path, family)}
+        if not kept[id(choice)]:
+            raise ValueError(f"Method b-lora: the {role} LoRA {choice.name} changes nothing in SDXL's {role} block "
+                             f"({block}, ComfyUI output_blocks.{0 if role == SUBJECT else 1}.1), so B-LoRA would "
+                             "drop it entirely. B-LoRA needs LoRAs trained on those blocks (or at least touching "
+                             "them); use another method for this pair.")
+    return kept
+
+
 def build_gated_model(model, pair: SubjectStyleLoras, criterion: str = "kl", style_bias: float = 1.0,
-                      start_percent: float = 0.0, end_percent: float = 1.0):
-    """A clone of `model` whose shared layers run the gate of Eq. 9-13; `model` is not touched."""
+                      start_percent: float = 0.0, end_percent: float = 1.0, method: str = "p-lora",
+                      k_lora_preset: str = "s*"):
+    """A clone of `model` with both LoRAs fused by `method`; `model` is not touched.
+
+    p-lora: the KL gate of Eq. 9-13 on every layer both LoRAs touch. k-lora: K-LoRA's Top-K rule
+    on those layers (scores computed here, once). direct: both merged, as two LoraLoaders. b-lora:
+    the subject LoRA only in SDXL's content block, the style LoRA only in its style block.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
     active = [c for c in (pair.subject, pair.style) if c.strength != 0]
     if not active:
         return model
@@ -237,19 +179,29 @@ def build_gated_model(model, pair: SubjectStyleLoras, criterion: str = "kl", sty
     sampling = model.get_model_object("model_sampling")
     state = GateState(sigma_high=float(sampling.percent_to_sigma(start_percent)),
                       sigma_low=float(sampling.percent_to_sigma(end_percent)))
-    rule = DivergenceRule(criterion, style_bias)
+    gated = shared if method in ("p-lora", "k-lora") else set()
     try:
         for choice in active:
             check_merged_shapes(model, mapped[id(choice)])
-        gates = {}
-        key_map = host.unet_key_map(model) if shared else {}
-        for path in sorted(shared):
+        kept = {id(c): set(mapped[id(c)].modules) for c in active}
+        if method == "b-lora":
+            kept = _b_lora_modules(model, pair, mapped, active)
+        layers = {}  # path -> (subject delta, style delta, row slices), in the model's order
+        key_map = host.unet_key_map(model) if gated else {}
+        for path in sorted(gated, key=_module_order(model)):
             module = host.get_module(model, path)
             geometry = LayerGeometry.of_module(module)
-            subject = layer_delta(mapped[id(pair.subject)].modules[path], pair.subject, geometry, module, model)
-            style = layer_delta(mapped[id(pair.style)].modules[path], pair.style, geometry, module, model)
-            row_slices = fused_row_slices(key_map, path, geometry.out_channels)
-            gates[path] = LayerGate(path, subject, style, state, rule, row_slices)
+            layers[path] = (layer_delta(mapped[id(pair.subject)].modules[path], pair.subject, geometry, module, model),
+                            layer_delta(mapped[id(pair.style)].modules[path], pair.style, geometry, module, model),
+                            fused_row_slices(key_map, path, geometry.out_channels))
+        rule = DivergenceRule(criterion, style_bias) if method == "p-lora" else None
+        if method == "k-lora" and layers:  # Top-K sums once per layer (or slice), here, never per step
+            scores = {name: klora_layer_scores(subject, style, name, rows)
+                      for path, (subject, style, row_slices) in layers.items()
+                      for name, rows in _gate_names(path, row_slices)}
+            rule = KLoraSelection(KLoraRule(scores, k_lora_preset, layer_order=list(scores)), state, sampling)
+        gates = {path: LayerGate(path, subject, style, state, rule, row_slices)
+                 for path, (subject, style, row_slices) in layers.items()}
     except ValueError as error:
         for choice in active:
             mismatch = family_mismatch(model, choice.file)
@@ -259,24 +211,41 @@ def build_gated_model(model, pair: SubjectStyleLoras, criterion: str = "kl", sty
 
     patched = model.clone()
     for choice in active:
-        _merge_patches(patched, mapped[id(choice)], choice.strength, shared)
-    if gates:
-        GateInstaller(gates, state).install(patched)
-    logger.info("P-LoRA: %d layers gated (%s), %d merged directly", len(gates), criterion,
-                sum(len(mapped[id(c)].modules) for c in active) - 2 * len(gates))
+        merge_patches(patched, mapped[id(choice)], choice.strength, gated | (set(mapped[id(choice)].modules) - kept[id(choice)]))
+    static = {}
+    if method in ("direct", "b-lora") and len(active) == 2:  # what the selection map shows for a fixed rule
+        both = shared | (kept[id(pair.subject)] | kept[id(pair.style)] if method == "b-lora" else set())
+        for path in sorted(both, key=_module_order(model)):
+            subject_acts, style_acts = path in kept[id(pair.subject)], path in kept[id(pair.style)]
+            static[path] = BOTH_VALUE if subject_acts and style_acts else (
+                1.0 if subject_acts else 0.0 if style_acts else float("nan"))
+    if gates or static:
+        GateInstaller(gates, state, static).install(patched)
+    logger.info("P-LoRA (%s): %d layers gated%s, %d merged directly", method, len(gates),
+                f" ({criterion})" if method == "p-lora" else "",
+                sum(len(kept[id(c)] - gated) for c in active))
     return patched
 
 
+def _module_order(model):
+    """Sort key: a module path's position in the model (the order its layers are defined)."""
+    order = {name: i for i, (name, _) in enumerate(model.model.named_modules())}
+    return lambda path: order.get(path, len(order))
+
+
+def installed_gates(model_patcher) -> GateInstaller | None:
+    """The GateInstaller of a MODEL from PLoRAModelPatcher (the latest one if it was patched twice)."""
+    installer = model_patcher.model_options.get("transformer_options", {}).get(GATE_KEY)
+    return installer if isinstance(installer, GateInstaller) else None
+
+
 def gated_layers(model_patcher) -> dict[str, LayerGate]:
-    """path -> LayerGate of a gated MODEL ({} if it has no P-LoRA gate)."""
-    for wrapper in host.model_call_wrappers(model_patcher, GATE_KEY):
-        if isinstance(wrapper, GateInstaller):
-            return dict(wrapper.gates)
-    return {key[: -len(".forward")]: value.gate for key, value in model_patcher.object_patches.items()
-            if isinstance(value, GatedForward)}
+    """path -> LayerGate of a gated MODEL ({} if it gates nothing)."""
+    installer = installed_gates(model_patcher)
+    return dict(installer.gates) if installer is not None else {}
 
 
 def gate_state_of(model_patcher) -> GateState | None:
-    """The GateState of a gated MODEL (for the recorder), or None if it has no P-LoRA gate."""
-    gates = gated_layers(model_patcher)
-    return next(iter(gates.values())).state if gates else None
+    """The GateState (the selection recorder) of a MODEL from PLoRAModelPatcher, or None."""
+    installer = installed_gates(model_patcher)
+    return installer.state if installer is not None else None

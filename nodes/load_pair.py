@@ -6,7 +6,7 @@ import logging
 
 from ..plora_core.lora_file import LoraFile, LoraFileError, read_lora_file
 from . import host
-from .gate import LoraChoice, SubjectStyleLoras
+from .lora_pair import LoraChoice, SubjectStyleLoras
 from .lora_mapping import is_text_encoder_key, split_by_key_map
 
 logger = logging.getLogger("plora")

@@ -1,9 +1,11 @@
-"""PLoRAModelPatcher: MODEL + subject/style pair -> a clone whose shared layers run the KL gate."""
+"""PLoRAModelPatcher: MODEL + subject/style pair -> a clone whose shared layers run the KL gate
+(or, with `method`, one of the paper's rival fusion rules, for comparison)."""
 
 from __future__ import annotations
 
 from ..plora_core.divergence import DIVERGENCES
-from .gate import build_gated_model
+from ..plora_core.fusion_rules import KLORA_PRESETS
+from .gate import METHODS, build_gated_model
 from .load_pair import PAIR_TYPE
 
 
@@ -18,7 +20,11 @@ class PLoRAModelPatcher:
                 "style_bias": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip": "Multiplies the style LoRA's divergence before the comparison. 1.0 is the paper; above 1 favours the style, below 1 the subject."}),
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Where in the denoising the gate starts; before it both LoRAs are merged directly."}),
                 "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Where in the denoising the gate ends; after it both LoRAs are merged directly."}),
-            }
+            },
+            "optional": {
+                "method": (list(METHODS), {"default": "p-lora", "tooltip": "How the two LoRAs are fused. p-lora: the KL gate (paper Eq. 9-13). direct: both merged, exactly as two LoraLoaders. k-lora: K-LoRA's rule (CVPR 2025): per layer the LoRA whose Top-K |dW| sum wins, weighted by a time schedule read from this run's sigmas. b-lora: SDXL only, the subject LoRA only in the content block (output_blocks.0.1) and the style LoRA only in the style block (output_blocks.1.1). criterion and style_bias apply to p-lora only."}),
+                "k_lora_preset": (sorted(KLORA_PRESETS), {"default": "s*", "tooltip": "K-LoRA's time schedule S(t): s* (their default: the style gains weight late in denoising, then restarts) or s (S rises linearly from 0.5 to 2). Used by method k-lora only."}),
+            },
         }
 
     RETURN_TYPES = ("MODEL",)
@@ -28,10 +34,15 @@ class PLoRAModelPatcher:
     DESCRIPTION = (
         "P-LoRA posterior feature knowledge (paper Eq. 9-13): at every layer both LoRAs touch, computes the "
         "base output and the output with each LoRA and passes on the one whose feature distribution moved "
-        "more, per sample and per step. Layers only one LoRA touches get it merged as LoraLoader would."
+        "more, per sample and per step. Layers only one LoRA touches get it merged as LoraLoader would. "
+        "The method input switches to a rival rule for comparison: direct merge, K-LoRA or B-LoRA."
     )
 
-    def patch(self, model, lora_pair, criterion, style_bias, start_percent, end_percent):
+    def patch(self, model, lora_pair, criterion, style_bias, start_percent, end_percent, method="p-lora",
+              k_lora_preset="s*"):
         if start_percent > end_percent:
             raise ValueError(f"start_percent ({start_percent}) must not be after end_percent ({end_percent}).")
-        return (build_gated_model(model, lora_pair, criterion, style_bias, start_percent, end_percent),)
+        if k_lora_preset not in KLORA_PRESETS:
+            raise ValueError(f"k_lora_preset must be one of {sorted(KLORA_PRESETS)}, got {k_lora_preset!r}.")
+        return (build_gated_model(model, lora_pair, criterion, style_bias, start_percent, end_percent, method,
+                                  k_lora_preset),)

@@ -13,6 +13,8 @@ import torch
 
 SUBJECT = "subject"
 STYLE = "style"
+BOTH = "both"
+BOTH_VALUE = 0.5  # a decision that passes both LoRAs on (direct merge); 1.0 = subject, 0.0 = style
 
 
 COND, UNCOND = 0, 1  # ComfyUI's cond_or_uncond codes for the rows of a model call
@@ -53,8 +55,9 @@ class SelectionRecorder:
         return list(self.layer_order)
 
     def choice(self, step: int, layer: str, sample: int) -> str:
-        """SUBJECT or STYLE for one (step, layer, sample)."""
-        return SUBJECT if bool(self.decisions[(step, layer)][sample]) else STYLE
+        """SUBJECT, STYLE or BOTH for one (step, layer, sample)."""
+        value = float(self.decisions[(step, layer)][sample])
+        return BOTH if value == BOTH_VALUE else SUBJECT if value else STYLE
 
     def subject_fraction(self) -> float:
         """Share of all recorded (step, layer, sample) decisions that took the subject."""
@@ -100,6 +103,7 @@ class GateState:
     sigma: float | None = None
     active: bool = True
     cond_or_uncond: list[int] | None = None
+    sample_sigmas: tuple[float, ...] = ()  # the run's schedule when the sampler tells it
 
     def begin_model_call(self, sigma: float, sample_sigmas: torch.Tensor | None = None,
                          cond_or_uncond: list[int] | None = None) -> None:
@@ -110,6 +114,7 @@ class GateState:
             self.step += 1
         if sample_sigmas is not None and len(sample_sigmas) > 0:
             self.step = int((sample_sigmas.float().cpu() > sigma * (1 + 1e-5) + 1e-9).sum())
+            self.sample_sigmas = tuple(float(s) for s in sample_sigmas)
         self.sigma = sigma
         self.active = self.sigma_low <= sigma <= self.sigma_high
         self.cond_or_uncond = None if cond_or_uncond is None else list(cond_or_uncond)

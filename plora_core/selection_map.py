@@ -1,7 +1,9 @@
 """A picture of the gate's decisions: which LoRA each gated layer passed on at each step.
 
 Columns are denoising steps (left = first), rows are gated layers in the order the model runs
-them; orange = the subject LoRA's features were passed on, blue = the style LoRA's (Eq. 13).
+them; orange = the subject LoRA's features were passed on, blue = the style LoRA's (Eq. 13),
+purple = both (a direct merge), dark grey = neither (not gated, outside the window, or a
+rule that leaves both LoRAs out there, as B-LoRA does outside its two blocks).
 This is the view of the paper's Figure 5: the choice depends on the input and the step.
 """
 
@@ -9,10 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from .recorder import SelectionRecorder
+from .recorder import BOTH_VALUE, SelectionRecorder
 
 SUBJECT_COLOUR = (0.96, 0.58, 0.16)
 STYLE_COLOUR = (0.22, 0.47, 0.96)
+BOTH_COLOUR = (0.62, 0.33, 0.78)
 UNSEEN_COLOUR = (0.16, 0.16, 0.16)
 
 
@@ -29,11 +32,12 @@ def recorded_images(recorder: SelectionRecorder, kind: int | None = None) -> int
 
 
 def _paint(grid: torch.Tensor, cell: int) -> torch.Tensor:
-    """[layers, steps] grid (1 subject, 0 style, NaN unseen) -> [1, H, W, 3] image."""
+    """[layers, steps] grid (1 subject, 0 style, 0.5 both, NaN unseen) -> [1, H, W, 3] image."""
     image = torch.empty(*grid.shape, 3)
     image[:] = torch.tensor(UNSEEN_COLOUR)
     image[grid == 1] = torch.tensor(SUBJECT_COLOUR)
     image[grid == 0] = torch.tensor(STYLE_COLOUR)
+    image[grid == BOTH_VALUE] = torch.tensor(BOTH_COLOUR)
     if grid.numel() == 0:
         image = torch.tensor(UNSEEN_COLOUR).expand(1, 1, 3).clone()
     image = image.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
