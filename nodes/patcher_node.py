@@ -23,7 +23,7 @@ class PLoRAModelPatcher:
             },
             "optional": {
                 "method": (list(METHODS), {"default": "p-lora", "tooltip": "How the two LoRAs are fused. p-lora: the KL gate (paper Eq. 9-13). direct: both merged, exactly as two LoraLoaders. k-lora: K-LoRA's rule (CVPR 2025): per layer the LoRA whose Top-K |dW| sum wins, weighted by a time schedule read from this run's sigmas. b-lora: SDXL only, the subject LoRA only in the content block (output_blocks.0.1) and the style LoRA only in the style block (output_blocks.1.1). criterion and style_bias apply to p-lora only."}),
-                "k_lora_preset": (sorted(KLORA_PRESETS), {"default": "s*", "tooltip": "K-LoRA's time schedule S(t): s* (their default: the style gains weight late in denoising, then restarts) or s (S rises linearly from 0.5 to 2). Used by method k-lora only."}),
+                "k_lora_preset": (sorted(KLORA_PRESETS), {"default": "s*", "tooltip": "K-LoRA's time schedule S(t), t = the run's progress from 0 to 1: s* (their default) = (1.5 t + 1.275) mod 1.5; s = 1.5 t + 0.5. The subject LoRA acts where its Top-K sum / gamma exceeds S(t) x the style's. Used by method k-lora only."}),
             },
         }
 
