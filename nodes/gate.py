@@ -54,7 +54,7 @@ class GateInstaller:
 
     def begin_model_call(self, x: torch.Tensor, sigma: torch.Tensor, transformer_options: dict) -> None:
         self.state.begin_model_call(float(sigma.max()), transformer_options.get("sample_sigmas"),
-                                    transformer_options.get("cond_or_uncond"))
+                                    transformer_options.get("cond_or_uncond"), batch=int(x.shape[0]))
         for layer, value in self.static.items():  # a fixed rule decides the same at every call
             self.state.record(layer, torch.full((x.shape[0],), value))
 
@@ -100,6 +100,7 @@ class GateInstaller:
 
 
 METHODS = ("p-lora", "direct", "k-lora", "b-lora")
+ROUTED_EXPERT = ".experts."  # MoE experts (HiDream) run on the tokens routed to them, flattened over the batch
 
 
 class KLoraSelection:
@@ -180,6 +181,12 @@ def build_gated_model(model, pair: SubjectStyleLoras, criterion: str = "kl", sty
     state = GateState(sigma_high=float(sampling.percent_to_sigma(start_percent)),
                       sigma_low=float(sampling.percent_to_sigma(end_percent)))
     gated = shared if method in ("p-lora", "k-lora") else set()
+    per_token = {path for path in gated if ROUTED_EXPERT in path}
+    if per_token:
+        logger.info("P-LoRA: %d routed-expert layers (e.g. %s) see the tokens routed to them, not whole images, so "
+                    "no per-image choice exists there: both LoRAs are merged directly", len(per_token),
+                    min(per_token))
+        gated = gated - per_token
     try:
         for choice in active:
             check_merged_shapes(model, mapped[id(choice)])

@@ -53,18 +53,32 @@ def model_call_wrappers(model_patcher, key: str) -> list:
         return []
     return list(model_patcher.get_wrappers(_patcher_extension.WrappersMP.APPLY_MODEL, key))
 
-# model_config class name fragments -> the family names plora_core.lora_info uses
-_MODEL_FAMILIES = (("Flux", "Flux"), ("SD3", "SD3"), ("SDXL", "SDXL"), ("SSD1B", "SDXL"), ("Segmind", "SDXL"),
-                   ("SD2", "SD2"), ("SD15", "SD1.5"))
+# ComfyUI's model_config classes (comfy/supported_models.py) -> the family names plora_core.lora_info uses.
+# A subclass (FluxSchnell, ChromaRadiance, WAN22_T2V, SSD1B, ...) takes its nearest listed class's family;
+# newer architectures that may subclass an older one (Flux2, QwenImage21, HiDreamO1) are listed by name.
+_MODEL_FAMILIES = (("Flux", "Flux"), ("Flux2", "Flux.2"), ("Chroma", "Chroma"), ("SD3", "SD3.5"),
+                   ("QwenImage", "Qwen-Image"), ("QwenImage21", "Qwen-Image 2.1"), ("HiDream", "HiDream"),
+                   ("HiDreamO1", "HiDream-O1"), ("WAN21_T2V", "Wan"), ("SDXL", "SDXL"), ("SDXLRefiner", "SDXL"),
+                   ("SD20", "SD2"), ("SD15", "SD1.5"))
 
 
 def model_family(model_patcher) -> str:
-    """Family of a loaded MODEL ('SDXL', 'Flux', ...), from ComfyUI's detected config."""
-    name = type(model_patcher.model.model_config).__name__
-    for fragment, family in _MODEL_FAMILIES:
-        if fragment in name:
+    """Family of a loaded MODEL ('SDXL', 'Flux', 'Wan 14B', ...), from ComfyUI's detected config; sized
+    families (SD3.5, Wan) by the config's hidden width. An unlisted class gives its own name."""
+    from ..plora_core.lora_info import sd3_family, wan_family
+
+    config = model_patcher.model.model_config
+    families = dict(_MODEL_FAMILIES)
+    for cls in type(config).__mro__:
+        family = families.get(cls.__name__)
+        if family == "SD3.5":
+            depth = config.unet_config.get("depth")  # MMDiT: hidden width = 64 x depth
+            return sd3_family(64 * depth if depth else None)
+        if family == "Wan":
+            return wan_family(config.unet_config.get("dim"))
+        if family is not None:
             return family
-    return name
+    return type(config).__name__
 
 
 def unet_key_map(model_patcher) -> dict:

@@ -14,7 +14,7 @@ class PLoRAModelPatcher:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The base diffusion model (SD1.5, SDXL or Flux). It is not modified: a patched clone is returned."}),
+                "model": ("MODEL", {"tooltip": "The base diffusion model (SD1.5, SDXL, SD3.5, Flux, Chroma, Qwen-Image, HiDream, Wan, ...). It is not modified: a patched clone is returned."}),
                 "lora_pair": (PAIR_TYPE, {"tooltip": "The subject and style LoRAs from LoadSubjectStyleLoRA."}),
                 "criterion": (list(DIVERGENCES), {"default": "kl", "tooltip": "How a LoRA's change of a layer's output is measured: kl (the paper), or the other criteria of paper Table 4: js (Jensen-Shannon), cosine (1 - cos to the base output) or dot (how much the dot product with the base output drops)."}),
                 "style_bias": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip": "Multiplies the style LoRA's divergence before the comparison. 1.0 is the paper; above 1 favours the style, below 1 the subject."}),

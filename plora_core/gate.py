@@ -140,7 +140,9 @@ class LayerGate:
         base = original(x, *args, **kwargs)
         subject_delta = self.subject(x)
         style_delta = self.style(x)
-        if not self.state.active:
+        if not self.state.active or (self.state.batch is not None and x.shape[0] != self.state.batch):
+            # outside the window; or rows that are not the call's images (e.g. tokens flattened over
+            # the batch): no per-image choice exists, both LoRAs act, as a direct merge
             return base + subject_delta + style_delta
         if not self.row_slices:
             out, subject_mask = self._gate(self.layer, base, subject_delta, style_delta)

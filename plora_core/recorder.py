@@ -104,9 +104,10 @@ class GateState:
     active: bool = True
     cond_or_uncond: list[int] | None = None
     sample_sigmas: tuple[float, ...] = ()  # the run's schedule when the sampler tells it
+    batch: int | None = None  # rows of the current model call (each an image: cond or uncond)
 
     def begin_model_call(self, sigma: float, sample_sigmas: torch.Tensor | None = None,
-                         cond_or_uncond: list[int] | None = None) -> None:
+                         cond_or_uncond: list[int] | None = None, batch: int | None = None) -> None:
         if self.sigma is None or sigma > self.sigma * (1 + 1e-6) + 1e-9:
             self.recorder.clear()
             self.step = 0
@@ -118,6 +119,7 @@ class GateState:
         self.sigma = sigma
         self.active = self.sigma_low <= sigma <= self.sigma_high
         self.cond_or_uncond = None if cond_or_uncond is None else list(cond_or_uncond)
+        self.batch = batch
 
     def record(self, layer: str, subject_mask: torch.Tensor) -> None:
         self.recorder.record(self.step, layer, subject_mask, self.cond_or_uncond)

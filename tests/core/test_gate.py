@@ -163,3 +163,26 @@ def test_gate_deltas_passes_gradients_through_the_chosen_output():
         for sample, take_subject in enumerate(mask.tolist()):
             chosen, other = (delta_c, delta_s) if take_subject else (delta_s, delta_c)
             assert torch.equal(chosen.grad[sample], torch.ones(5, 16)) and other.grad[sample].abs().sum() == 0
+
+
+def test_rows_that_are_not_the_calls_images_get_both_loras_and_no_decision():
+    """A layer whose input rows are tokens flattened over the batch (MoE experts) has no per-image choice."""
+    torch.manual_seed(3)
+    layer = torch.nn.Linear(64, 48)
+    with torch.no_grad():
+        layer.weight.mul_(400.0)  # outputs of std in the hundreds, as a real layer's
+    up_c, down_c, up_s, down_s = (torch.randn(48, 4) * 0.01, torch.randn(4, 64), torch.randn(48, 4) * 0.01,
+                                  torch.randn(4, 64))
+    state = GateState()
+    gated = LayerGate("ff.experts.0.w1", _linear_delta(up_c, down_c), _linear_delta(up_s, down_s), state).bind(
+        layer.forward)
+    state.begin_model_call(5.0, batch=2)
+    tokens = torch.randn(7, 64)  # 7 routed tokens of a 2-image call
+    out = gated(tokens)
+    expected = layer(tokens) + tokens @ (up_c @ down_c).T + tokens @ (up_s @ down_s).T
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-3)
+    assert state.recorder.decisions == {}
+    images = torch.randn(2, 10, 64)
+    gated(images)
+    assert list(state.recorder.decisions) == [(0, "ff.experts.0.w1")]
+    assert state.recorder.decisions[(0, "ff.experts.0.w1")].shape == (2,)
