@@ -3,7 +3,8 @@
 Posterior feature knowledge (paper section 4.1, Eq. 9-13):
 - `divergence`, `gate`: the feature divergences and the gate itself;
 - `deltas`: applying a LoRA to one layer's input; `gate` (`LayerGate`) gates the two per layer;
-- `recorder`, `selection_map`: the decisions per (step, layer, sample) and their picture.
+- `recorder`, `selection_map`: the decisions per (step, layer, sample) and their picture;
+- `fusion_rules`: the paper's rivals as selection rules for the same gate (K-LoRA, B-LoRA).
 
 Posterior metric knowledge (section 4.2, Eq. 14-20):
 - `image_preprocess`, `encoders`: differentiable CLIP and DINO image encoders;

@@ -1,10 +1,10 @@
 """The rival fusion rules beside the KL gate: K-LoRA's Top-K choice and B-LoRA's block routing.
 
 K-LoRA (Ouyang et al., "K-LoRA: Unlocking Training-Free Fusion of Any Subject and Style
-LoRAs", CVPR 2025, Sec. 3): per layer, S_c and S_s are the sums of the k = r_c * r_s
+LoRAs", CVPR 2025, method section): per layer, S_c and S_s are the sums of the k = r_c * r_s
 largest |dW| entries of the subject and style LoRA; the subject's layer is used while
 S_c / gamma > S(t) * S_s, where gamma balances the two LoRAs' overall magnitudes and S(t)
-grows with denoising time t (presets "s" and "s*"). Their code (HVision-NKU/K-LoRA
+grows with denoising time t (presets "s" and "s*", which wraps once). Their code (HVision-NKU/K-LoRA
 `klora.py` L43-73, `utils.py` L157-209) counts layer calls with a global counter against
 a hard-coded `sum_timesteps`; here t is the run's progress read from the sigma schedule,
 which gives their decisions on their schedule and the same fraction of denoising the
@@ -12,7 +12,7 @@ same decision on any other. Everything per layer is computed once, when the pair
 loaded (`klora_layer_scores`); a step only compares stored numbers.
 
 B-LoRA (Frenkel et al., "Implicit Style-Content Separation using B-LoRA", ECCV 2024,
-Sec. 4): in SDXL, the transformer block W_0^4 (`up_blocks.0.attentions.0`, ComfyUI
+method section): in SDXL, the transformer block W_0^4 (`up_blocks.0.attentions.0`, ComfyUI
 `output_blocks.0.1`) carries content and W_0^5 (`up_blocks.0.attentions.1`, ComfyUI
 `output_blocks.1.1`) carries style; the subject LoRA acts only in the first, the style
 LoRA only in the second (their `blora_utils.py` L3-6, `inference.py` L42-62).
@@ -34,7 +34,7 @@ from .recorder import STYLE, SUBJECT
 CHUNK_ELEMENTS = 1 << 22
 
 
-# --- K-LoRA, Top-K sums (Sec. 3: dW' = |dW|, S = sum of the Top-K entries of dW') ---------------------
+# --- K-LoRA, Top-K sums (dW' = |dW|; S_c, S_s = sums of the Top-K entries of dW'_c, dW'_s) ------------
 
 @dataclass(frozen=True)
 class AbsStats:
@@ -55,10 +55,16 @@ class _TopK:
         self.total = 0.0
         self.count = 0
 
-    def add(self, chunk: torch.Tensor) -> None:
-        flat = chunk.abs().reshape(-1)
-        self.total += float(flat.sum(dtype=torch.float64))
+    def add(self, chunk: torch.Tensor, owned: bool = False) -> None:
+        """Take in a block of dW; `owned`: the block is a temporary that may be overwritten."""
+        flat = (chunk.abs_() if owned else chunk.abs()).reshape(-1)
+        self.total += float(flat.sum())
         self.count += flat.numel()
+        if self.best is not None and self.best.numel() == self.k:
+            # only entries above the current k-th largest can enter (one equal to it adds the same sum)
+            flat = flat[flat > self.best.min()]
+            if flat.numel() == 0:
+                return
         candidates = flat if self.best is None else torch.cat([self.best, flat])
         self.best = candidates.topk(min(self.k, candidates.numel()), sorted=False).values
 
@@ -108,7 +114,7 @@ def low_rank_abs_stats(up: torch.Tensor, down: torch.Tensor, k: int, scale: floa
     running = _TopK(_check_k(k))
     step = max(1, CHUNK_ELEMENTS // max(1, d.shape[1]))
     for start in range(0, u.shape[0], step):
-        running.add((u[start:start + step] @ d) * scale)
+        running.add((u[start:start + step] @ d).mul_(scale), owned=True)
     return running.stats()
 
 
@@ -117,7 +123,7 @@ def _row_span(delta: LayerDelta, rows: tuple[int, int] | None) -> tuple[int, int
 
 
 def _parts_in(delta: LayerDelta, span: tuple[int, int]):
-    """Low-rank parts overlapping output rows [span): (first row, U, D, scale) per part."""
+    """Low-rank parts overlapping output rows [span): (the part's first row in the layer, part)."""
     for part in delta.low_rank:
         first = 0 if part.rows is None else part.rows[0]
         last = first + part.up.shape[0]
@@ -143,14 +149,24 @@ def layer_abs_stats(delta: LayerDelta, k: int, rows: tuple[int, int] | None = No
     step = max(1, CHUNK_ELEMENTS // max(1, inner))
     for start in range(span[0], span[1], step):
         stop = min(start + step, span[1])
-        block = torch.zeros(stop - start, inner, dtype=dtype, device=device)  # rows [start, stop) of dW
+        block = None  # rows [start, stop) of dW
         for first, u, d, scale in parts:
             lo, hi = max(start, first), min(stop, first + u.shape[0])
-            if lo < hi:
-                block[lo - start:hi - start] += (u[lo - first:hi - first] @ d) * scale
+            if lo >= hi:
+                continue
+            piece = (u[lo - first:hi - first] @ d).mul_(scale)
+            if block is None and (lo, hi) == (start, stop):
+                block = piece
+                continue
+            if block is None:
+                block = torch.zeros(stop - start, inner, dtype=dtype, device=device)
+            block[lo - start:hi - start] += piece
         for weight in dense:
-            block += weight[start:stop].to(device=device, dtype=dtype)
-        running.add(block)
+            dense_rows = weight[start:stop].to(device=device, dtype=dtype)
+            block = dense_rows.clone() if block is None else block.add_(dense_rows)
+        if block is None:
+            block = torch.zeros(stop - start, inner, dtype=dtype, device=device)
+        running.add(block, owned=True)
     return running.stats()
 
 
@@ -207,7 +223,7 @@ def klora_gamma(scores: Iterable[KLoraLayerScores]) -> float:
     return sum(kept) / len(kept) if kept else math.inf
 
 
-# --- K-LoRA, time (Sec. 3: scaling factor S applied to S_s as denoising proceeds) ----------------------
+# --- K-LoRA, time (the scaling factor S(t) on S_s, growing as denoising proceeds) -----------------------
 
 @dataclass(frozen=True)
 class KLoraPreset:
@@ -334,7 +350,7 @@ def b_lora_routing(layer_path_or_key: str, family: str) -> tuple[str, ...]:
     """Which LoRAs may act on a layer under B-LoRA: (SUBJECT,), (STYLE,) or ().
 
     The subject (content) LoRA acts only inside SDXL's W_0^4 block, the style LoRA only inside
-    W_0^5 (B-LoRA Sec. 4); every layer under a block follows it, as their `filter_lora` keeps
+    W_0^5 (B-LoRA); every layer under a block follows it, as their `filter_lora` keeps
     every key of the block. Takes ComfyUI paths (`diffusion_model.output_blocks.0.1.…`),
     diffusers keys (`unet.up_blocks.0.attentions.0.…`) or kohya keys (`lora_unet_output_blocks_0_1_…`).
     """

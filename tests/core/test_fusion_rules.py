@@ -54,10 +54,9 @@ def reference_gamma(pairs):
     return sum(kept) / len(kept) if kept else float("inf")
 
 
-def reference_choice(dw_c, dw_s, k, gamma, time_ratio, sum_timesteps, pattern):
-    """klora.py get_klora_weight: True when matrix1 (the content LoRA) is returned."""
+def reference_choice(top1, top2, gamma, time_ratio, sum_timesteps, pattern):
+    """klora.py get_klora_weight, given the two Top-K sums: True when matrix1 (the content LoRA) is returned."""
     alpha, beta = (1.5, 1.5 * 0.85) if pattern == "s*" else (1.5, 0.5)  # inference_sd.py L51-56
-    top1, top2 = topk_sum(dw_c, k), topk_sum(dw_s, k)
     scale = alpha * time_ratio / sum_timesteps + beta
     if pattern == "s*":
         scale = scale % alpha
@@ -142,9 +141,20 @@ def make_pair(seed=0, layers=SDXL_LAYERS):
     return pairs
 
 
+def reference_sums(pair):
+    """{layer: (top-k sum of |dW_c|, of |dW_s|)} by torch.topk on the dense products."""
+    return {name: (topk_sum(dw_c, k), topk_sum(dw_s, k)) for name, (_, _, dw_c, dw_s, k) in pair.items()}
+
+
 @pytest.fixture(scope="module")
 def pair():
     return make_pair()
+
+
+@pytest.fixture(scope="module")
+def oracle(pair):
+    """(top-k sums per layer, gamma) of the reference, from the dense products."""
+    return reference_sums(pair), reference_gamma([(c, s) for _, _, c, s, _ in pair.values()])
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +220,7 @@ def test_fused_layer_rows_and_slices_equal_the_dense_rows():
         parts.append(LowRankPart(up, down, 1.0, rows=(i * width, width)))
         dense[i * width:(i + 1) * width] = dense_dw(up, down, 1.0)
     extra = torch.randn(3 * width, width, generator=gen) * 1e-4
-    delta = LayerDelta(geometry, parts, [DensePart(extra)])
+    delta = LayerDelta(geometry, parts, [DensePart(extra.clone())])
     dense += extra.double()
     k = rank * rank
     assert layer_abs_stats(delta, k).topk_sum == pytest.approx(topk_sum(dense, k), rel=1e-5)
@@ -218,6 +228,7 @@ def test_fused_layer_rows_and_slices_equal_the_dense_rows():
         rows = (i * width, width)
         assert layer_abs_stats(delta, k, rows).topk_sum == pytest.approx(
             topk_sum(dense[i * width:(i + 1) * width], k), rel=1e-5)
+    assert torch.equal(delta.dense[0].weight, extra)  # read, never modified
     only_low_rank = LayerDelta(geometry, parts)
     assert fusion_rules.delta_rank(only_low_rank, (width, width)) == rank  # the slice's own LoRA
     assert fusion_rules.delta_rank(only_low_rank) == 3 * rank
@@ -244,9 +255,9 @@ def test_gamma_is_the_reference_mean_ratio_without_outliers(pair, scores):
 @pytest.mark.parametrize("preset", ["s", "s*"])
 @pytest.mark.parametrize("steps", [20, 28, 50])
 @pytest.mark.parametrize("schedule", sorted(SCHEDULES))
-def test_klora_choice_equals_the_rule_written_out(pair, scores, preset, steps, schedule):
+def test_klora_choice_equals_the_rule_written_out(pair, oracle, scores, preset, steps, schedule):
     sigmas = SCHEDULES[schedule](steps)
-    gamma = reference_gamma([(c, s) for _, _, c, s, _ in pair.values()])
+    sums, gamma = oracle
     names = list(pair)
     rule = KLoraRule(scores, preset)
     ordered = KLoraRule(scores, preset, layer_order=names)
@@ -255,12 +266,11 @@ def test_klora_choice_equals_the_rule_written_out(pair, scores, preset, steps, s
         position = schedule_position(float(sigmas[i]), sigmas)
         assert position == i
         for j, name in enumerate(names):
-            _, _, dw_c, dw_s, k = pair[name]
             # without a layer order every layer of step i sees t = i / N; with one, t = (i + j/L) / N
-            expected = reference_choice(dw_c, dw_s, k, gamma, i, steps, preset)
+            expected = reference_choice(*sums[name], gamma, i, steps, preset)
             assert rule.choose_subject(name, position, steps) == expected, (name, i)
             total = steps * len(names)
-            expected = reference_choice(dw_c, dw_s, k, gamma, (i * len(names) + j + 1) % total, total, preset)
+            expected = reference_choice(*sums[name], gamma, (i * len(names) + j + 1) % total, total, preset)
             assert ordered.choose_subject(name, position, steps) == expected, (name, i)
             seen.add(expected)
     assert seen == {True, False}
@@ -268,12 +278,12 @@ def test_klora_choice_equals_the_rule_written_out(pair, scores, preset, steps, s
 
 @pytest.mark.parametrize("preset", ["s", "s*"])
 @pytest.mark.parametrize("steps,sigmas", [(50, karras(50, 0.0292, 14.6146)), (28, diffusers_flux(28))])
-def test_klora_reproduces_the_reference_global_counter(pair, scores, preset, steps, sigmas):
+def test_klora_reproduces_the_reference_global_counter(pair, oracle, scores, preset, steps, sigmas):
     """klora.py: every K-LoRA layer call does glo_count += 1, t = glo_count % sum_timesteps, with
     sum_timesteps = layers per forward x steps (SDXL 560 x 50 = 28000, Flux 190 x 28); two images."""
     names = list(pair)
     sum_timesteps = len(names) * steps
-    gamma = reference_gamma([(c, s) for _, _, c, s, _ in pair.values()])
+    sums, gamma = oracle
     rule = KLoraRule(scores, preset, layer_order=names)
     glo_count, flips = 0, 0
     for _image in range(2):
@@ -281,8 +291,7 @@ def test_klora_reproduces_the_reference_global_counter(pair, scores, preset, ste
             position = schedule_position(float(sigmas[i]), sigmas)
             for name in names:
                 glo_count += 1
-                _, _, dw_c, dw_s, k = pair[name]
-                expected = reference_choice(dw_c, dw_s, k, gamma, glo_count % sum_timesteps, sum_timesteps, preset)
+                expected = reference_choice(*sums[name], gamma, glo_count % sum_timesteps, sum_timesteps, preset)
                 assert rule.choose_subject(name, position, steps) == expected, (name, i)
                 flips += expected != rule.choose_subject(name, position + 1, steps)
     assert flips > 0  # the choice does change with time
@@ -359,8 +368,10 @@ def test_unknown_layer_and_rankless_layer_are_named(scores):
     lora = LayerDelta(geometry, [LowRankPart(torch.randn(640, 8), torch.randn(8, 640), 1.0)])
     with pytest.raises(ValueError, match="input_blocks.4.1.proj_in.*style"):
         klora_layer_scores(lora, loha, "input_blocks.4.1.proj_in")
+    before = loha.dense[0].weight.clone()
     explicit = klora_layer_scores(lora, loha, "input_blocks.4.1.proj_in", k=64)
-    assert explicit.style_topk == pytest.approx(topk_sum(loha.dense[0].weight.double(), 64), rel=1e-5)
+    assert explicit.style_topk == pytest.approx(topk_sum(before.double(), 64), rel=1e-5)
+    assert torch.equal(loha.dense[0].weight, before)  # the LoRA's tensors are read, never modified
 
 
 # --- B-LoRA ---------------------------------------------------------------------------------------
