@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfy_client import EventStream, ServerError, request  # noqa: E402
+from comfy_client import EventStream, ServerError, post_quietly, request  # noqa: E402
 from workflow_api import ui_to_api  # noqa: E402
 
 logger = logging.getLogger("plora.run_workflow")
@@ -263,10 +263,7 @@ def main(argv=None) -> int:
     if answer.get("node_errors"):
         # ComfyUI queued the outputs that do not depend on the refused nodes; take them back off the queue
         logger.error(describe_refusal(answer, labels))
-        try:
-            request(f"{url}/queue", {"delete": [prompt_id]})
-        except (ServerError, OSError):
-            pass
+        post_quietly(f"{url}/queue", {"delete": [prompt_id]})  # answers with an empty body
         return 1
     logger.info("queued %s as %s", args.workflow.name, prompt_id)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
