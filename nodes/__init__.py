@@ -7,34 +7,40 @@ Registration also wraps every node's FUNCTION with the numeric input checks of
 from .comparison_grid_node import PLoRAComparisonGrid
 from .encoder_nodes import (LoadPLoRACLIPEncoder, LoadPLoRADINOEncoder, PLoRAEncoderFromCLIPVision,
                             register_model_folders)
+from .guidance_model_node import PLoRAMetricGuidance
 from .guidance_sampler import PosteriorMetricGuidanceSampler
 from .input_checks import add_input_checks
 from .load_pair import LoadSubjectStyleLoRA
 from .memory_hooks import install_memory_hooks, release_caches  # noqa: F401  (release_caches: for tools/tests)
 from .patcher_node import PLoRAModelPatcher
 from .routes import register_routes
+from .score_node import PLoRAScore
 from .selection_map_node import PLoRASelectionMap
 
 NODE_CLASS_MAPPINGS = {
     "LoadSubjectStyleLoRA": LoadSubjectStyleLoRA,
     "PLoRAModelPatcher": PLoRAModelPatcher,
     "PosteriorMetricGuidanceSampler": PosteriorMetricGuidanceSampler,
+    "PLoRAMetricGuidance": PLoRAMetricGuidance,
     "LoadPLoRACLIPEncoder": LoadPLoRACLIPEncoder,
     "LoadPLoRADINOEncoder": LoadPLoRADINOEncoder,
     "PLoRAEncoderFromCLIPVision": PLoRAEncoderFromCLIPVision,
     "PLoRASelectionMap": PLoRASelectionMap,
     "PLoRAComparisonGrid": PLoRAComparisonGrid,
+    "PLoRAScore": PLoRAScore,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoadSubjectStyleLoRA": "Load Subject + Style LoRA (P-LoRA)",
     "PLoRAModelPatcher": "P-LoRA Model Patcher (KL gate)",
     "PosteriorMetricGuidanceSampler": "P-LoRA Metric Guidance Sampler (CLIP + DINO)",
+    "PLoRAMetricGuidance": "P-LoRA Metric Guidance (guided MODEL)",
     "LoadPLoRACLIPEncoder": "Load P-LoRA CLIP Encoder",
     "LoadPLoRADINOEncoder": "Load P-LoRA DINO Encoder",
     "PLoRAEncoderFromCLIPVision": "P-LoRA Encoder from CLIP Vision",
     "PLoRASelectionMap": "P-LoRA Selection Map",
     "PLoRAComparisonGrid": "P-LoRA Comparison Grid",
+    "PLoRAScore": "P-LoRA Score (Style Sim, CLIP, DINO)",
 }
 
 

@@ -1,74 +1,28 @@
-"""PosteriorMetricGuidanceSampler: KSampler plus CLIP/DINO score guidance (paper Eq. 14-20)."""
+"""PosteriorMetricGuidanceSampler: KSampler plus CLIP/DINO score guidance (paper Eq. 14-20), one node.
+
+The same guided model as PLoRAMetricGuidance, with the run configured explicitly from the
+node's own sampler, scheduler, steps and cfg, so it also works where ComfyUI has no sampler
+wrappers (the 2024 core). Inputs and widget order are those of saved workflows: do not reorder.
+"""
 
 from __future__ import annotations
 
 import logging
 
-import torch
-
-from ..plora_core.guidance import SAMPLER_UNITS, UNITS, VP_UNITS, GuidanceWindow, sampler_step
-from ..plora_core.image_preprocess import to_nchw
-from ..plora_core.scores import embed_references
+from ..plora_core.guidance import SAMPLER_UNITS
 from . import host
-from .encoder_nodes import ENCODER_TYPE
-from .score_guidance import EXACT, FAST, ScoreGuidance, differentiable_decoder
+from .model_kind import check_image_latent
+from .guidance import install_guidance
+from .guidance_model_node import guidance_inputs, guidance_settings
 
 logger = logging.getLogger("plora")
-
-
-def sampling_parameters(model, sigmas: torch.Tensor, sampler_name: str) -> tuple[bool, float, float | None]:
-    """(flow model?, sigma_data, where the sampler evaluates step 0 if not at sigmas[0]) for the guidance."""
-    model_sampling = model.get_model_object("model_sampling")
-    flow = host.is_flow_model(model)
-    sigma_data = float(getattr(model_sampling, "sigma_data", 1.0))
-    alias = None
-    if flow and sampler_step(sampler_name).snr_offset and len(sigmas) > 1 and float(sigmas[0]) >= 1.0:
-        alias = float(model_sampling.percent_to_sigma(1e-4))  # ComfyUI's offset_first_sigma_for_snr
-    return flow, sigma_data, alias
-
-
-def check_decoder(model, vae, what: str) -> None:
-    channels = model.model.latent_format.latent_channels
-    vae_channels = getattr(vae, "latent_channels", channels)
-    if vae_channels != channels:
-        raise ValueError(f"The {what} decodes {vae_channels}-channel latents but the model makes {channels}-channel "
-                         "latents; connect the VAE (or TAESD) that belongs to this checkpoint.")
-
-
-def latent_side(vae, pixels: int) -> int | None:
-    """The latent side that decodes to `pixels` (None for 0 = full resolution)."""
-    if not pixels:
-        return None
-    ratio = getattr(vae, "downscale_ratio", 8)
-    return max(1, -(-pixels // (ratio if isinstance(ratio, int) else 8)))
 
 
 class PosteriorMetricGuidanceSampler:
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                **host.ksampler_inputs(),
-                "vae": ("VAE", {"tooltip": "The checkpoint's VAE: decodes the predicted clean image for scoring (unless a guidance_decoder is connected)."}),
-                "subject_reference": ("IMAGE", {"tooltip": "Reference image(s) of the subject, e.g. rendered by the subject LoRA alone with the subject prompt (Eq. 14). One image serves the whole batch."}),
-                "style_reference": ("IMAGE", {"tooltip": "Reference image(s) of the style, e.g. rendered by the style LoRA alone with the style prompt (Eq. 15)."}),
-                "clip_encoder": (ENCODER_TYPE, {"tooltip": "A CLIP image encoder (Load P-LoRA CLIP Encoder)."}),
-                "guidance_scale": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "m of Eq. 20 (paper: 10): each guided step moves the latent by -m * grad R, the gradient taken with respect to the sampler's own latent x, as in the paper's Euler sampler (see guidance_units). 0 samples exactly like KSampler."}),
-                "clip_subject_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip": "Weight of S_CLIP(subject reference) in the score (Eq. 16, 19)."}),
-                "clip_style_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip": "Weight of S_CLIP(style reference) in the score (Eq. 17, 19)."}),
-                "dino_style_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip": "Weight of S_DINO(style reference) in the score (Eq. 18, 19); 0 needs no DINO encoder."}),
-                "gradient_mode": ([FAST, EXACT], {"default": FAST, "tooltip": "exact: the gradient through the denoiser, as Eq. 20 is written (one more backward through the diffusion model per guided step). fast: the gradient w.r.t. the predicted clean image (decoder + encoders only) times d x0_hat / d x_t of the optimal denoiser for Gaussian data, so both modes take steps of about the same size at the same guidance_scale."}),
-                "guidance_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "First guided step, as a fraction of the steps."}),
-                "guidance_end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Guidance stops at this fraction of the steps."}),
-                "guide_every": ("INT", {"default": 1, "min": 1, "max": 100, "tooltip": "Guide every n-th step inside the window (1 = every step)."}),
-            },
-            "optional": {
-                "dino_encoder": (ENCODER_TYPE, {"tooltip": "A DINO image encoder (Load P-LoRA DINO Encoder); needed when dino_style_weight > 0."}),
-                "guidance_decoder": ("VAE", {"tooltip": "Optional cheap decoder for guidance only, e.g. TAESD (Load VAE -> taesd / taesdxl / taef1). The final image still uses your VAE."}),
-                "guidance_decode_size": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": "Decode the predicted image for scoring at most this many pixels on its shorter side (the encoders see 224 px). 0 = full resolution, as the paper; 256 makes guidance with the full VAE several times cheaper at 1024 px."}),
-                "guidance_units": (list(UNITS), {"default": SAMPLER_UNITS, "advanced": True, "tooltip": f"Units of guidance_scale. {SAMPLER_UNITS}: the latent moves by -m * grad_x R in the sampler's own x (the paper's Euler sampler; no conversion). {VP_UNITS}: Eq. 20 read in DDIM's variance-preserving coordinates, i.e. scaled by sqrt(1 + sigma_next^2) * sqrt(1 + sigma^2) for eps/v models (about 200x stronger at SDXL's first step; no change for flow models). For comparison."}),
-            },
-        }
+        required, optional = guidance_inputs("0 samples exactly like KSampler.")
+        return {"required": {**host.ksampler_inputs(), **required}, "optional": optional}
 
     RETURN_TYPES = ("LATENT", "STRING")
     RETURN_NAMES = ("LATENT", "guidance_log")
@@ -79,7 +33,8 @@ class PosteriorMetricGuidanceSampler:
     DESCRIPTION = (
         "P-LoRA posterior metric knowledge (paper Eq. 14-20): KSampler that, while denoising, decodes the "
         "predicted clean image, scores it with CLIP and DINO against the subject and style references, and "
-        "steps along the gradient that raises the score. Works with every sampler and scheduler."
+        "steps along the gradient that raises the score. Works with every sampler and scheduler. "
+        "P-LoRA Metric Guidance does the same as a MODEL patch for any sampler node."
     )
 
     def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
@@ -89,29 +44,16 @@ class PosteriorMetricGuidanceSampler:
         if guidance_scale == 0:
             return (host.run_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                       latent_image, denoise), "guidance_scale is 0: plain sampling")
-        weights = (clip_subject_weight, clip_style_weight, dino_style_weight)
-        if dino_style_weight > 0 and dino_encoder is None:
-            raise ValueError("dino_style_weight is above 0 but no DINO encoder is connected: connect Load P-LoRA "
-                             "DINO Encoder to dino_encoder, or set dino_style_weight to 0.")
-        if guidance_units not in UNITS:
-            raise ValueError(f"guidance_units must be one of {', '.join(UNITS)}, got {guidance_units!r}.")
-        if guidance_start > guidance_end:
-            raise ValueError(f"guidance_start ({guidance_start}) must not be after guidance_end ({guidance_end}).")
-        decoder_vae = guidance_decoder if guidance_decoder is not None else vae
-        check_decoder(model, decoder_vae, "guidance decoder" if guidance_decoder is not None else "VAE")
-        refs = embed_references(clip_encoder, dino_encoder if dino_style_weight > 0 else None,
-                                to_nchw(subject_reference), to_nchw(style_reference))
+        check_image_latent(model, latent_image["samples"], "P-LoRA Metric Guidance Sampler")
+        settings = guidance_settings(model, vae, subject_reference, style_reference, clip_encoder, guidance_scale,
+                                     clip_subject_weight, clip_style_weight, dino_style_weight, gradient_mode,
+                                     guidance_start, guidance_end, guide_every, dino_encoder, guidance_decoder,
+                                     guidance_decode_size, guidance_units)
+        guided, hooks = install_guidance(model, settings, at_run_time=False)
         sigmas = host.schedule_sigmas(model, steps, sampler_name, scheduler, denoise)
-        flow, sigma_data, first_sigma_alias = sampling_parameters(model, sigmas, sampler_name)
-        window = GuidanceWindow(tuple(float(s) for s in sigmas), guidance_start, guidance_end, guide_every,
-                                first_sigma_alias)
-        guidance = ScoreGuidance(differentiable_decoder(decoder_vae), clip_encoder,
-                                 dino_encoder if dino_style_weight > 0 else None, refs, weights, guidance_scale,
-                                 window, gradient_mode, flow, cfg, latent_side(decoder_vae, guidance_decode_size),
-                                 units=guidance_units, sampler=sampler_name, sigma_data=sigma_data)
-        guided = guidance.install(model)
-        latent = host.run_ksampler(guided, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                                   latent_image, denoise)
-        log = guidance.record.summary()
+        with hooks.run(guided, sigmas, sampler_name, cfg) as run:
+            latent = host.run_ksampler(guided, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                       latent_image, denoise)
+        log = run.record.summary()
         logger.info("P-LoRA guidance:\n%s", log)
         return (latent, log)

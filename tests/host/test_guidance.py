@@ -1,5 +1,6 @@
 """PosteriorMetricGuidanceSampler in ComfyUI's sampler, with a tiny UNet, VAE, CLIP and DINO."""
 
+import contextlib
 import logging
 
 import comfy.sample
@@ -145,16 +146,15 @@ def test_vp_units_scale_the_fast_euler_step(pack, encoders, references):
     for name, scale in (("plain", 0.0), ("guided", m)):
         guided = model
         if scale:
-            window = pack.plora_core.guidance.GuidanceWindow(tuple(float(s) for s in sigmas), 0.0, 0.3, 1)
             refs = embed_references(clip, dino, to_nchw(references[0]), to_nchw(references[1]))
-            hook = pack.nodes.score_guidance.ScoreGuidance(
-                pack.nodes.score_guidance.differentiable_decoder(vae), clip, dino, refs, (1.0, 1.0, 1.0), scale,
-                window, "fast", False, 4.0, units="variance-preserving")
-            guided = hook.install(model)
+            settings = pack.nodes.guidance.GuidanceSettings(vae, clip, dino, refs, (1.0, 1.0, 1.0), scale, "fast",
+                                                            0.0, 0.3, 1, units="variance-preserving")
+            guided, hooks = pack.nodes.guidance.install_guidance(model, settings, at_run_time=False)
         latent = torch.zeros(1, 4, 8, 8)
-        comfy.sample.sample(guided, comfy.sample.prepare_noise(latent, 3), STEPS, 4.0, "euler", "normal",
-                            sd15_conditioning(seed=1), sd15_conditioning(seed=2), latent, seed=3,
-                            callback=capture(name))
+        with hooks.run(guided, sigmas, "euler", 4.0) if scale else contextlib.nullcontext():
+            comfy.sample.sample(guided, comfy.sample.prepare_noise(latent, 3), STEPS, 4.0, "euler", "normal",
+                                sd15_conditioning(seed=1), sd15_conditioning(seed=2), latent, seed=3,
+                                callback=capture(name))
     denoised0 = states["plain"][0][0]  # model-space D at step 0, the same in both runs
     x0 = denoised0.clone().requires_grad_(True)
     images = (vae.first_stage_model.decode(model.model.process_latent_out(x0)) + 1) / 2
@@ -222,27 +222,28 @@ def test_models_loaded_under_inference_mode_as_comfyui_loads_them(pack, encoders
 
 
 def test_exact_mode_reusing_the_samplers_forward_equals_recomputing_it(pack, encoders, references, monkeypatch):
-    gradient_class = pack.nodes.exact_gradient.DenoiserGradient
+    guidance = pack.nodes.guidance
     recomputed = []
-    original = gradient_class._recomputed
+    original = pack.nodes.denoiser_gradient.recomputed
 
-    def counting(self, args):
+    def counting(args, *rest):
         recomputed.append(float(args["sigma"].max()))
-        return original(self, args)
+        return original(args, *rest)
 
-    monkeypatch.setattr(gradient_class, "_recomputed", counting)
+    monkeypatch.setattr(pack.nodes.denoiser_gradient, "recomputed", counting)
     model, vae = tiny_sd15(), tiny_vae()
     reused, log_reused = run(pack, model, vae, encoders, references, mode="exact")
     # at most the first step recomputes (a host whose blocks add in place fails once, then copies)
     assert len(recomputed) <= 1 and len(log_reused.splitlines()) == STEPS
 
-    original_init = gradient_class.__init__
+    original_hooks = guidance.guidance_hooks
 
-    def without_reuse(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        self.reuse_forward = False
+    def without_reuse(*args, **kwargs):
+        hooks = original_hooks(*args, **kwargs)
+        hooks.state.reuse_forward = False
+        return hooks
 
-    monkeypatch.setattr(gradient_class, "__init__", without_reuse)
+    monkeypatch.setattr(guidance, "guidance_hooks", without_reuse)
     recomputed.clear()
     again, _ = run(pack, model, vae, encoders, references, mode="exact")
     assert len(recomputed) >= STEPS
@@ -255,5 +256,5 @@ def test_guidance_decode_size_decodes_a_smaller_image(pack, encoders, references
     small, log = run(pack, model, vae, encoders, references, guidance_decode_size=16)
     assert len(log.splitlines()) == STEPS
     assert not torch.allclose(full["samples"], small["samples"])
-    assert pack.nodes.guidance_sampler.latent_side(vae, 16) == 2
-    assert pack.nodes.guidance_sampler.latent_side(vae, 0) is None
+    assert pack.nodes.guidance_model_node.latent_side(vae, 16) == 2
+    assert pack.nodes.guidance_model_node.latent_side(vae, 0) is None

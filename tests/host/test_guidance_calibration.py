@@ -72,12 +72,9 @@ def corrections(pack, model, vae, encoders, mode):
     refs = embed_references(clip, None, torch.rand(1, 3, 24, 24, generator=generator),
                             torch.rand(1, 3, 32, 32, generator=generator))
     sigmas = pack.nodes.host.schedule_sigmas(model, STEPS, "euler", "normal", 1.0)
-    flow, sigma_data, alias = pack.nodes.guidance_sampler.sampling_parameters(model, sigmas, "euler")
-    window = pack.plora_core.guidance.GuidanceWindow(tuple(float(s) for s in sigmas), first_sigma_alias=alias)
-    hook = pack.nodes.score_guidance.ScoreGuidance(  # the CLIP terms only: any R will do here, and it is quicker
-        pack.nodes.score_guidance.differentiable_decoder(vae), clip, None, refs, (1.0, 1.0, 0.0), 10.0, window,
-        mode, flow, CFG, sigma_data=sigma_data)
-    guided = hook.install(model)
+    # the CLIP terms only: any R will do here, and it is quicker
+    settings = pack.nodes.guidance.GuidanceSettings(vae, clip, None, refs, (1.0, 1.0, 0.0), 10.0, mode)
+    guided, hooks = pack.nodes.guidance.install_guidance(model, settings, at_run_time=False)
     seen = []
 
     def after_the_hook(args):
@@ -87,9 +84,11 @@ def corrections(pack, model, vae, encoders, mode):
 
     guided.set_model_sampler_post_cfg_function(after_the_hook)
     latent = torch.zeros(1, 4, 8, 8)
-    comfy.sample.sample(guided, comfy.sample.prepare_noise(latent, 5), STEPS, CFG, "euler", "normal",
-                        sd15_conditioning(seed=1), sd15_conditioning(seed=2), latent, seed=5, disable_pbar=True)
-    assert len(seen) == STEPS and len(hook.record.rows) == STEPS and hook.record.fast_fallbacks == 0
+    with hooks.run(guided, sigmas, "euler", CFG) as run:
+        comfy.sample.sample(guided, comfy.sample.prepare_noise(latent, 5), STEPS, CFG, "euler", "normal",
+                            sd15_conditioning(seed=1), sd15_conditioning(seed=2), latent, seed=5, disable_pbar=True)
+    assert run.sigma_data == float(getattr(model.get_model_object("model_sampling"), "sigma_data", 1.0))
+    assert len(seen) == STEPS and len(run.record.rows) == STEPS and run.record.fast_fallbacks == 0
     return [(sigma, shift) for sigma, shift in seen]
 
 
@@ -118,7 +117,7 @@ def test_fast_and_exact_steps_agree_at_every_sigma(pack, encoders, parametrisati
     if parametrisation != "eps":
         return
     # without d x0_hat / d x_t (fast = grad w.r.t. x0_hat alone) the early steps are far too strong
-    monkeypatch.setattr(pack.nodes.score_guidance, "denoiser_jacobian", lambda *args, **kwargs: 1.0)
+    monkeypatch.setattr(pack.nodes.guidance, "denoiser_jacobian", lambda *args, **kwargs: 1.0)
     uncalibrated = agreement(corrections(pack, model, vae, encoders, "fast"), exact)
     ratios = [ratio for _, ratio, _ in uncalibrated if ratio is not None]
     assert ratios[0] > 20 and sum(abs(r - 1) > 0.05 for r in ratios) >= STEPS // 2

@@ -39,16 +39,16 @@ def flow_model(model):
 
 
 def make_hook(pack, model, vae, encoders, references, m, mode, sampler="euler", end=1.0, units="sampler", cfg=CFG):
+    """(guided clone, a context manager for one explicitly configured run of it)."""
     from plora_pack.plora_core.scores import embed_references
 
     clip, dino = encoders
     sigmas = pack.nodes.host.schedule_sigmas(model, STEPS, sampler, "normal", 1.0)
-    flow, sigma_data, alias = pack.nodes.guidance_sampler.sampling_parameters(model, sigmas, sampler)
-    window = pack.plora_core.guidance.GuidanceWindow(tuple(float(s) for s in sigmas), 0.0, end, 1, alias)
     refs = embed_references(clip, dino, *references)
-    return pack.nodes.score_guidance.ScoreGuidance(
-        pack.nodes.score_guidance.differentiable_decoder(vae), clip, dino, refs, (1.0, 1.0, 1.0), m, window, mode,
-        flow, cfg, units=units, sampler=sampler, sigma_data=sigma_data)
+    settings = pack.nodes.guidance.GuidanceSettings(vae, clip, dino, refs, (1.0, 1.0, 1.0), m, mode, 0.0, end,
+                                                    units=units)
+    guided, hooks = pack.nodes.guidance.install_guidance(model, settings, at_run_time=False)
+    return guided, lambda: hooks.run(guided, sigmas, sampler, cfg)
 
 
 def run(model, sampler="euler", cfg=CFG, seed=3):
@@ -107,24 +107,27 @@ def test_guided_step_is_minus_m_grad_x_in_the_samplers_own_x(pack, encoders, ref
     if flow:
         model = flow_model(model)
     m = 30.0
-    hook = make_hook(pack, model, vae, encoders, references, m, "exact", sampler, end=1 / STEPS)
-    plain, guided = run(model, sampler), run(hook.install(model), sampler)
+    guided_model, guidance = make_hook(pack, model, vae, encoders, references, m, "exact", sampler, end=1 / STEPS)
+    plain = run(model, sampler)
+    with guidance() as current:
+        guided = run(guided_model, sampler)
     sigmas = pack.nodes.host.schedule_sigmas(model, STEPS, sampler, "normal", 1.0)
     expected = -m * grad_x(model, vae, encoders, references, plain[0][1], float(sigmas[0]))
     shift = guided[1][1] - plain[1][1]
     assert torch.equal(guided[0][1], plain[0][1])
     assert expected.abs().max() > 100 * torch.finfo(torch.float32).eps * plain[1][1].abs().max()
     assert torch.allclose(shift, expected, rtol=2e-2, atol=2e-2 * expected.abs().max())
-    assert [row[0] for row in hook.record.rows] == [0]
+    assert [row[0] for row in current.record.rows] == [0]
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "euler"])
 def test_flow_samplers_that_offset_the_first_sigma_are_guided_from_step_0(pack, encoders, references, sampler):
     """ComfyUI moves a flow model's first sigma of 1 to percent_to_sigma(1e-4) in its SNR-based samplers."""
     model, vae = flow_model(tiny_sd15()), tiny_vae()
-    hook = make_hook(pack, model, vae, encoders, references, 10.0, "fast", sampler)
-    run(hook.install(model), sampler)
-    assert [row[0] for row in hook.record.rows] == list(range(STEPS))
+    guided, guidance = make_hook(pack, model, vae, encoders, references, 10.0, "fast", sampler)
+    with guidance() as current:
+        run(guided, sampler)
+    assert [row[0] for row in current.record.rows] == list(range(STEPS))
 
 
 def test_ancestral_sigma_down_is_comfyuis(pack):
@@ -141,11 +144,10 @@ def test_multi_evaluation_samplers_guide_only_the_call_that_starts_each_step(pac
                                                                              mode, monkeypatch):
     model, vae = tiny_sd15(), tiny_vae()
     recomputed = []
-    original = pack.nodes.exact_gradient.DenoiserGradient._recomputed
-    monkeypatch.setattr(pack.nodes.exact_gradient.DenoiserGradient, "_recomputed",
-                        lambda self, args: recomputed.append(1) or original(self, args))
-    hook = make_hook(pack, model, vae, encoders, references, 10.0, mode, sampler)
-    guided = hook.install(model)
+    original = pack.nodes.denoiser_gradient.recomputed
+    monkeypatch.setattr(pack.nodes.denoiser_gradient, "recomputed",
+                        lambda *args: recomputed.append(1) or original(*args))
+    guided, guidance = make_hook(pack, model, vae, encoders, references, 10.0, mode, sampler)
     calls = []
 
     def after_the_hook(args):  # a post-CFG function installed after the guidance sees its result
@@ -154,13 +156,14 @@ def test_multi_evaluation_samplers_guide_only_the_call_that_starts_each_step(pac
         return args["denoised"]
 
     guided.set_model_sampler_post_cfg_function(after_the_hook)
-    states = run(guided, sampler)
+    with guidance() as current:
+        states = run(guided, sampler)
     guided_inputs = [x for x, was_guided in calls if was_guided]
     assert len(calls) > STEPS and len(guided_inputs) == STEPS
     for step, x in enumerate(guided_inputs):
         assert torch.equal(x, states[step][1]), f"step {step}: the guided call is not the one the step starts with"
-    assert [row[0] for row in hook.record.rows] == list(range(STEPS))
-    assert len(hook.record.summary().splitlines()) == STEPS
+    assert [row[0] for row in current.record.rows] == list(range(STEPS))
+    assert len(current.record.summary().splitlines()) == STEPS
     # the kept forward of the step-start call rebuilds the prediction (a host whose blocks add in
     # place, the 2024 core, fails once and recomputes that step with saved-tensor copies)
     assert len(recomputed) <= (1 if mode == "exact" else 0)
@@ -206,8 +209,10 @@ def test_exact_mode_differentiates_the_samplers_actual_denoised(pack, encoders, 
     model.set_model_sampler_cfg_function(cfg_function)
     model.set_model_sampler_post_cfg_function(squash_post_cfg)
     m = 30.0
-    hook = make_hook(pack, model, vae, encoders, references, m, "exact", end=1 / STEPS)
-    plain, guided = run(model), run(hook.install(model))
+    guided_model, guidance = make_hook(pack, model, vae, encoders, references, m, "exact", end=1 / STEPS)
+    plain = run(model)
+    with guidance() as current:
+        guided = run(guided_model)
     sigma = float(pack.nodes.host.schedule_sigmas(model, STEPS, "euler", "normal", 1.0)[0])
     x = plain[0][1]
     with torch.no_grad():
@@ -226,26 +231,28 @@ def test_exact_mode_differentiates_the_samplers_actual_denoised(pack, encoders, 
         direction = direction / direction.norm()
         finite_difference = (score(x + eps * direction) - score(x - eps * direction)) / (2 * eps)
         assert abs(finite_difference - float((used * direction).sum())) < 0.03 * float(used.norm())
-    assert hook.record.fast_fallbacks == 0
+    assert current.record.fast_fallbacks == 0
 
 
 def test_exact_mode_falls_back_to_fast_when_the_prediction_cannot_be_rebuilt(pack, encoders, references, caplog):
     model, vae = tiny_sd15(), tiny_vae()
     model = model.clone()
     model.set_model_sampler_post_cfg_function(lambda args: args["denoised"] + 0.1 * torch.randn_like(args["denoised"]))
-    hook = make_hook(pack, model, vae, encoders, references, 10.0, "exact")
-    with caplog.at_level(logging.WARNING, logger="plora"):
-        run(hook.install(model))
+    guided, guidance = make_hook(pack, model, vae, encoders, references, 10.0, "exact")
+    with caplog.at_level(logging.WARNING, logger="plora"), guidance() as current:
+        run(guided)
     assert caplog.text.count("could not be rebuilt") == 1
-    assert hook.record.fast_fallbacks == STEPS and f"{STEPS} step(s) used the fast gradient" in hook.record.summary()
+    assert current.record.fast_fallbacks == STEPS
+    assert f"{STEPS} step(s) used the fast gradient" in current.record.summary()
 
 
 def test_exact_mode_with_cfg_1_rebuilds_from_the_cond_prediction_alone(pack, encoders, references, monkeypatch):
     model, vae = tiny_sd15(), tiny_vae()
     recomputed = []
-    original = pack.nodes.exact_gradient.DenoiserGradient._recomputed
-    monkeypatch.setattr(pack.nodes.exact_gradient.DenoiserGradient, "_recomputed",
-                        lambda self, args: recomputed.append(1) or original(self, args))
-    hook = make_hook(pack, model, vae, encoders, references, 10.0, "exact", cfg=1.0)
-    run(hook.install(model), cfg=1.0)
-    assert len(recomputed) <= 1 and hook.record.fast_fallbacks == 0 and len(hook.record.rows) == STEPS
+    original = pack.nodes.denoiser_gradient.recomputed
+    monkeypatch.setattr(pack.nodes.denoiser_gradient, "recomputed",
+                        lambda *args: recomputed.append(1) or original(*args))
+    guided, guidance = make_hook(pack, model, vae, encoders, references, 10.0, "exact", cfg=1.0)
+    with guidance() as current:
+        run(guided, cfg=1.0)
+    assert len(recomputed) <= 1 and current.record.fast_fallbacks == 0 and len(current.record.rows) == STEPS
