@@ -32,7 +32,7 @@ def test_every_node_has_a_help_page_and_every_workflow_a_thumbnail():
     for workflow in workflows:
         graph = json.loads(workflow.read_text())
         assert graph["nodes"] and graph["links"]
-        assert workflow.with_suffix(".png").is_file()
+        assert workflow.with_suffix(".jpg").is_file()  # the template browser's thumbnail: <name>.jpg
         assert workflow.name in (ROOT / "README.md").read_text()
 
 
@@ -41,3 +41,16 @@ def test_the_pack_installs_nothing_at_import_time():
     for path in package_files:
         text = path.read_text()
         assert "subprocess" not in text and "pip install" not in text and "pip.main" not in text, path
+
+
+def test_the_frontend_extension_uses_only_the_public_frontend_api():
+    """window.comfyAPI instead of imports of the frontend's script files (deprecated paths that print
+    warnings or break when moved), the settings API instead of app.ui.settings, no private graph fields."""
+    for script in (ROOT / "web").rglob("*.js"):
+        text = script.read_text()
+        code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("//"))
+        assert not re.search(r"^\s*import\b|\bimport\s*\(", code, re.M), f"{script.name}: use window.comfyAPI"
+        assert "scripts/app.js" not in code and "scripts/api.js" not in code, script.name
+        assert "app.ui.settings" not in code and "getSettingValue" not in code and "addSetting" not in code, script.name
+        assert not re.search(r"\.(_nodes|_links|_groups)\b", code), f"{script.name}: graph.nodes, node.getInputNode"
+        assert not re.search(r"\.link\b", code), f"{script.name}: input.link is deprecated (node.getInputNode)"

@@ -171,7 +171,7 @@ def build_base_directory(base: Path) -> Path:
     if pack.is_symlink():
         pack.unlink()
     if not pack.exists():  # a copy: ComfyUI's static routes do not follow symlinks
-        shutil.copytree(ROOT, pack, ignore=shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache",
+        shutil.copytree(ROOT, pack, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache",
                                                                    ".ruff_cache", "benchmarks", "tests"))
     models = base / "models"
     for folder in ("checkpoints", "loras"):
@@ -252,11 +252,13 @@ class Server:
 
 
 @contextmanager
-def running_server(checkout: str, base: Path, startup_timeout: float = 180):
+def running_server(checkout: str, base: Path, startup_timeout: float = 180, extra_args: tuple[str, ...] = (),
+                   log_name: str = "comfyui.log"):
     port = free_port()
-    log = base / "comfyui.log"
+    log = base / log_name
     with open(log, "w") as handle:
-        process = subprocess.Popen(launcher_command(checkout, base, "--listen", "127.0.0.1", "--port", str(port)),
+        process = subprocess.Popen(launcher_command(checkout, base, "--listen", "127.0.0.1", "--port", str(port),
+                                                    *extra_args),
                                    stdout=handle, stderr=subprocess.STDOUT, cwd=checkout)
     server = Server(f"http://127.0.0.1:{port}", process, log)
     try:

@@ -1,8 +1,11 @@
 // P-LoRA frontend extension: what each chosen LoRA was made for, on Load Subject + Style LoRA.
 // Shows the base-model family, rank and trigger words of both files (read from their headers by
 // the pack's /plora/lora_info route) and warns when a LoRA's family differs from the model's.
-import { app } from "../../../scripts/app.js";
-import { api } from "../../../scripts/api.js";
+// The frontend's objects come from window.comfyAPI (no imports of its script paths), the setting
+// through app.extensionManager.setting, the graph through its public members (graph.nodes,
+// node.getInputNode).
+const { app } = window.comfyAPI.app;
+const { api } = window.comfyAPI.api;
 
 const NODE_TYPE = "LoadSubjectStyleLoRA";
 const SETTING_ID = "PLoRA.LoraInfo.Enabled";
@@ -31,15 +34,10 @@ async function getJson(url) {
   return cache.get(url);
 }
 
-function linkInfo(graph, id) {
-  if (id == null) return null;
-  return graph.links?.get?.(id) ?? graph.links?.[id] ?? null;
-}
-
 function originOf(node, inputName) {
-  const input = node.inputs?.find((i) => i.name === inputName);
-  const link = linkInfo(node.graph ?? app.graph, input?.link);
-  return link ? (node.graph ?? app.graph).getNodeById(link.origin_id) : null;
+  if (!node.inputs?.length) return null;
+  const slot = node.findInputSlot(inputName);
+  return slot >= 0 ? node.getInputNode(slot) : null;
 }
 
 // Walk MODEL/CLIP inputs upstream (through LoraLoaders and other patches) to a model loader.
@@ -58,7 +56,7 @@ function modelLoaderFor(node) {
   const graph = node.graph ?? app.graph;
   const direct = findModelLoader(node, "clip");
   if (direct) return direct;
-  for (const other of graph._nodes ?? []) {
+  for (const other of graph.nodes) {
     if (other.type === "PLoRAModelPatcher" && originOf(other, "lora_pair") === node) {
       const found = findModelLoader(other, "model");
       if (found) return found;
@@ -83,7 +81,7 @@ function describe(label, info) {
 async function refresh(node) {
   const box = node.ploraInfoElement;
   if (!box) return;
-  if (app.ui?.settings?.getSettingValue?.(SETTING_ID, true) === false) {
+  if (app.extensionManager.setting.get(SETTING_ID) === false) {
     box.style.display = "none";
     return;
   }
