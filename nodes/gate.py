@@ -9,6 +9,10 @@ later - hooks, multi-GPU, compile - is gated too: nothing captured when the node
 stale). The 2024 core has no wrappers: there the gates are object-patched when the node runs.
 Layers only one LoRA touches get that LoRA through ComfyUI's own `add_patches`, exactly as a
 direct merge would.
+
+The same mechanism runs the paper's rivals for comparison (`method`): K-LoRA as another
+selection rule of the LayerGates, direct merge and B-LoRA as fixed choices (no gate; the
+installer only records them for the selection map).
 """
 
 from __future__ import annotations
