@@ -204,8 +204,11 @@ def with_test_models(workflow: dict) -> dict:
 
 
 def info_box(page):
+    """The LoRA-details widget, once it has been filled (its route answers after the graph opens)."""
     info = page.locator(".plora-lora-info").first
     info.wait_for(state="visible", timeout=10_000)
+    page.wait_for_function("() => (document.querySelector('.plora-lora-info')?.textContent || '').includes('Subject:')",
+                           timeout=20_000)
     return info
 
 
