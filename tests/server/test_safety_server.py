@@ -201,10 +201,30 @@ def numeric_inputs(object_info):
                     yield node_type, name, spec[0], spec[1] if len(spec) > 1 else {}
 
 
+KSAMPLER_INPUTS = ("model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative", "latent_image",
+                   "denoise")
+
+
+def guided_model_prompt(prompt: dict) -> dict:
+    """The SDXL workflow with its guided sampler split into P-LoRA Metric Guidance + KSampler: the Flux
+    workflow's path (whose T5 encoder is too large to run here) on the tiny SD1.5 checkpoint."""
+    prompt = copy.deepcopy(prompt)
+    sampler = next(k for k, n in prompt.items() if n["class_type"] == "PosteriorMetricGuidanceSampler")
+    inputs = prompt[sampler]["inputs"]
+    prompt["plora_guided_model"] = {"class_type": "PLoRAMetricGuidance", "inputs": {
+        k: v for k, v in inputs.items() if k == "model" or k not in KSAMPLER_INPUTS}}
+    prompt[sampler] = {"class_type": "KSampler", "inputs": {
+        **{k: inputs[k] for k in KSAMPLER_INPUTS}, "model": ["plora_guided_model", 0]}}
+    for node in prompt.values():  # nothing reads the guidance_log output that KSampler lacks
+        assert all(value != [sampler, 1] for value in node["inputs"].values())
+    return prompt
+
+
 def test_every_numeric_input_of_every_node_refuses_nan_and_out_of_range(server, object_info, full_prompt):
     inputs = list(numeric_inputs(object_info))
     assert len(inputs) >= 15
-    workflows = [full_prompt, small_api_prompt(shipped("plora_comparison.json"), object_info)]
+    workflows = [full_prompt, small_api_prompt(shipped("plora_comparison.json"), object_info),
+                 guided_model_prompt(full_prompt)]
     homes = {}  # node type -> (prompt, node id) of a shipped workflow that uses it
     for prompt in reversed(workflows):
         homes.update({node["class_type"]: (prompt, node_id) for node_id, node in prompt.items()})

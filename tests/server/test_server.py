@@ -60,6 +60,8 @@ def small_api_prompt(workflow: dict, object_info: dict) -> dict:
                 node["inputs"][key] = PLACEHOLDERS[value]
             if key in SMALL and not isinstance(value, list):
                 node["inputs"][key] = SMALL[key]
+        if node["class_type"] == "PLoRAModelPatcher" and node["inputs"].get("method") == "b-lora":
+            node["inputs"]["method"] = "direct"  # the tiny checkpoint is SD1.5, B-LoRA SDXL-only (host tier tests it)
     return prompt
 
 
@@ -75,9 +77,6 @@ def test_every_shipped_workflow_is_consistent_with_the_server(name, object_info)
 @pytest.mark.parametrize("name", ["plora_sdxl.json", "plora_comparison.json"])
 def test_shipped_workflow_runs_to_an_image(name, server, object_info):
     prompt = small_api_prompt(shipped(name), object_info)
-    for node in prompt.values():  # the tiny checkpoint is SD1.5 and B-LoRA is SDXL-only (host tier tests it)
-        if node["class_type"] == "PLoRAModelPatcher" and node["inputs"].get("method") == "b-lora":
-            node["inputs"]["method"] = "direct"
     history = server.run_prompt(prompt)
     assert history["status"]["status_str"] == "success", history["status"]
     images = [image for output in history["outputs"].values() for image in output.get("images", [])]
