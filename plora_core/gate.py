@@ -102,6 +102,11 @@ class SelectionRule(Protocol):
         ...
 
 
+# Devices without float64 (Apple's MPS): the divergences' per-token sums need it, so they are
+# computed on the CPU from copies of the layer's outputs (slower; the decision is the same).
+FLOAT64_LESS_DEVICES = frozenset({"mps"})
+
+
 @dataclass(frozen=True)
 class DivergenceRule:
     """The paper's rule, Eq. 11-13: the LoRA whose output distribution moved more from F wins.
@@ -113,8 +118,11 @@ class DivergenceRule:
     style_bias: float = 1.0
 
     def __call__(self, layer, base, subject_delta, style_delta, channel_dim):
+        device = base.device
+        if device.type in FLOAT64_LESS_DEVICES:  # the per-token float64 algebra runs on the CPU there
+            base, subject_delta, style_delta = (t.detach().cpu() for t in (base, subject_delta, style_delta))
         d_subject, d_style = delta_divergences(base, subject_delta, style_delta, self.criterion, channel_dim)
-        return choose_subject(d_subject, d_style, self.style_bias)
+        return choose_subject(d_subject, d_style, self.style_bias).to(device)
 
 
 class LayerGate:

@@ -53,12 +53,13 @@ class PaperScores:
 
 
 def unit_embeddings(encoder: ImageEncoder, images_nchw_01: torch.Tensor) -> torch.Tensor:
-    """E(images) / |E(images)|: [N, 3, H, W] in [0, 1] -> [N, D] float64, no autograd graph."""
+    """E(images) / |E(images)|: [N, 3, H, W] in [0, 1] -> [N, D] float64 on the CPU (MPS has no
+    float64), no autograd graph."""
     if images_nchw_01.shape[0] == 0:
         raise ValueError(f"No images to embed with {encoder.name}: the batch is empty.")
     with torch.no_grad():
         chunks = [encoder.embed(images_nchw_01[i:i + EMBED_CHUNK]) for i in range(0, len(images_nchw_01), EMBED_CHUNK)]
-    return F.normalize(torch.cat(chunks).double(), dim=-1)  # [N, D]
+    return F.normalize(torch.cat(chunks).cpu().double(), dim=-1)  # [N, D]
 
 
 def mean_cosine_to_references(units: torch.Tensor, reference_units: torch.Tensor) -> torch.Tensor:

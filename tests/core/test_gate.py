@@ -186,3 +186,27 @@ def test_rows_that_are_not_the_calls_images_get_both_loras_and_no_decision():
     gated(images)
     assert list(state.recorder.decisions) == [(0, "ff.experts.0.w1")]
     assert state.recorder.decisions[(0, "ff.experts.0.w1")].shape == (2,)
+
+
+def test_on_a_device_without_float64_the_divergences_run_on_the_cpu(monkeypatch):
+    """Apple's MPS has no float64: the rule computes there from CPU copies, with the same decisions."""
+    import plora_core.gate as gate_module
+
+    torch.manual_seed(4)
+    base = torch.randn(3, 256, 320) * 70
+    subject, style = torch.randn(3, 256, 320) * 0.05, torch.randn(3, 256, 320) * 0.05
+    subject[0] *= 3
+    style[2] *= 3
+    rule = gate_module.DivergenceRule()
+    expected = rule("layer", base, subject, style, -1)
+    seen = []
+    original = gate_module.delta_divergences
+    def spy(b, c, s, *rest):
+        seen.append((b.device.type, b.requires_grad))
+        return original(b, c, s, *rest)
+
+    monkeypatch.setattr(gate_module, "delta_divergences", spy)
+    monkeypatch.setattr(gate_module, "FLOAT64_LESS_DEVICES", frozenset({"cpu"}))
+    got = rule("layer", base.requires_grad_(True), subject, style, -1)
+    assert torch.equal(got, expected) and expected.tolist() == [True, False, False]
+    assert seen == [("cpu", False)], "detached CPU copies reach the float64 algebra"
