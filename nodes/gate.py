@@ -18,6 +18,7 @@ installer only records them for the selection map).
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import torch
 
@@ -140,6 +141,30 @@ class KLoraSelection:
         return repr(self.rule)
 
 
+_KLORA_SCORES: OrderedDict = OrderedDict()  # (pair, layer, rows) -> KLoraLayerScores: five floats each
+_KLORA_SCORES_KEPT = 200_000
+
+
+def _file_key(choice: LoraChoice) -> tuple | None:
+    """The LoRA file as it was read (path, modification time, size) and the strength it is used at."""
+    return (choice.file.version, choice.strength) if choice.file.version else None
+
+
+def _klora_scores(pair_key: tuple, name: str, rows, subject, style):
+    """K-LoRA's Top-K sums of one layer, computed once per pair of files (re-patching with other widget
+    values - the preset, the window - reuses them; an SDXL pair takes tens of seconds on a CPU)."""
+    if None in pair_key:  # a LoraFile not read from a file: nothing to key it by
+        return klora_layer_scores(subject, style, name, rows)
+    key = (pair_key, name, rows)
+    if key in _KLORA_SCORES:
+        _KLORA_SCORES.move_to_end(key)
+        return _KLORA_SCORES[key]
+    scores = _KLORA_SCORES[key] = klora_layer_scores(subject, style, name, rows)
+    while len(_KLORA_SCORES) > _KLORA_SCORES_KEPT:
+        _KLORA_SCORES.popitem(last=False)
+    return scores
+
+
 def _gate_names(path: str, row_slices: tuple[RowSlice, ...]) -> list[tuple[str, tuple[int, int] | None]]:
     """The names a layer's decisions are recorded under, with their rows: `path`, or `path[slice]`."""
     if not row_slices:
@@ -207,7 +232,8 @@ def build_gated_model(model, pair: SubjectStyleLoras, criterion: str = "kl", sty
                             fused_row_slices(key_map, path, geometry.out_channels))
         rule = DivergenceRule(criterion, style_bias) if method == "p-lora" else None
         if method == "k-lora" and layers:  # Top-K sums once per layer (or slice), here, never per step
-            scores = {name: klora_layer_scores(subject, style, name, rows)
+            pair_key = (_file_key(pair.subject), _file_key(pair.style))
+            scores = {name: _klora_scores(pair_key, name, rows, subject, style)
                       for path, (subject, style, row_slices) in layers.items()
                       for name, rows in _gate_names(path, row_slices)}
             rule = KLoraSelection(KLoraRule(scores, k_lora_preset, layer_order=list(scores)), state, sampling)

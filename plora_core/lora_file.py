@@ -45,6 +45,7 @@ class LoraFile:
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
     label: str = ""  # the name shown in messages (the name in models/loras); defaults to the file name
+    version: tuple = ()  # (absolute path, mtime_ns, size) of the file as it was read
 
     @property
     def name(self) -> str:
@@ -207,7 +208,8 @@ def read_lora_file(path: str, label: str | None = None) -> LoraFile:
     key = (os.path.abspath(path), info.st_mtime_ns, info.st_size)
     cached = LORA_CACHE.get(key)
     if cached is not None:
-        return cached if cached.label == label else LoraFile(cached.path, cached.tensors, cached.metadata, label)
+        return cached if cached.label == label else LoraFile(cached.path, cached.tensors, cached.metadata, label,
+                                                             cached.version)
     try:
         if kind == "safetensors":
             tensors, metadata = _read_safetensors(path)
@@ -223,7 +225,7 @@ def read_lora_file(path: str, label: str | None = None) -> LoraFile:
     if not tensors:
         raise LoraFileError(f"LoRA file {label} holds no tensors; download or export it again.")
     check_finite(label, tensors)
-    lora = LoraFile(path, tensors, dict(metadata), label)
+    lora = LoraFile(path, tensors, dict(metadata), label, key)
     LORA_CACHE.put(key, lora)
     logger.debug("read LoRA %s (%d tensors)", path, len(tensors))
     return lora

@@ -180,3 +180,26 @@ def test_k_lora_runs_on_every_host_and_differs_from_direct(pack, pair_files):
     recorder = pack.nodes.gate.gate_state_of(k_lora).recorder
     assert sorted(recorder.layers()) == sorted(paths) and recorder.steps() == [0, 1, 2, 3]
     assert not torch.allclose(fused, sample(patch(pack, model, pair, "direct")), atol=1e-4)
+
+
+def test_k_lora_top_k_sums_are_computed_once_per_pair_of_files(pack, pair_files, monkeypatch, tmp_path):
+    model, pair, paths, subject, style = pair_files
+    pack.nodes.gate._KLORA_SCORES.clear()
+    calls = []
+    original = pack.nodes.gate.klora_layer_scores
+    monkeypatch.setattr(pack.nodes.gate, "klora_layer_scores", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    first = patch(pack, model, pair, "k-lora", "s*")
+    assert len(calls) == len(paths)
+    second = patch(pack, model, pair, "k-lora", "s")  # another preset: the same sums
+    assert len(calls) == len(paths)
+    assert pack.nodes.gate.gated_layers(second)[paths[0]].rule.rule.scores == \
+        pack.nodes.gate.gated_layers(first)[paths[0]].rule.rule.scores
+    import os
+    import time
+
+    os.utime(subject, ns=(time.time_ns(), time.time_ns() + 10**9))  # the file changed: read and computed again
+    patch(pack, model, pair, "k-lora", "s*")  # (the pair still holds the file as it was read: no new sums)
+    assert len(calls) == len(paths)
+    changed, _ = pack.nodes.LoadSubjectStyleLoRA().load(str(subject), 1.0, str(style), 1.0)
+    patch(pack, model, changed, "k-lora", "s*")
+    assert len(calls) == 2 * len(paths)
