@@ -18,6 +18,7 @@ installer only records them for the selection map).
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -53,6 +54,7 @@ class GateInstaller:
         self.state = state
         self.static = dict(static or {})  # layer -> a fixed choice (1 subject, 0 style, 0.5 both, NaN none)
         self._depth = 0
+        self._layers = weakref.WeakKeyDictionary()  # model instance -> (its diffusion_model, [(module, gate)])
 
     def __deepcopy__(self, memo):  # clones and model copies share the gates (and their caches)
         return self
@@ -71,18 +73,25 @@ class GateInstaller:
         installed = []
         self._depth += 1
         try:
-            for path, gate in self.gates.items():
-                module = host.get_attr(executor.class_obj, path)
+            for module, gate in self._gated_modules(executor.class_obj):
                 installed.append((module, module.__dict__.get("forward", _NOT_SET)))
-                module.forward = gate.bind(module.forward)
+                module.__dict__["forward"] = gate.bind(module.forward)  # what `module.forward = ...` stores
             return executor(x, sigma, *args, **kwargs)
         finally:
             self._depth -= 1
             for module, previous in reversed(installed):
                 if previous is _NOT_SET:
-                    del module.forward
+                    del module.__dict__["forward"]
                 else:
-                    module.forward = previous
+                    module.__dict__["forward"] = previous
+
+    def _gated_modules(self, model) -> list:
+        """[(module, gate)] of a model instance, looked up once per instance (not per call, per layer)."""
+        known = self._layers.get(model)
+        if known is None or known[0] is not model.diffusion_model:
+            known = (model.diffusion_model, [(host.get_attr(model, path), gate) for path, gate in self.gates.items()])
+            self._layers[model] = known
+        return known[1]
 
     def install(self, model_patcher) -> None:
         """Put the gates on a clone: at run time where the host has wrappers, else as object patches."""
