@@ -42,15 +42,23 @@ def _unload_models():
 
 
 @pytest.fixture(scope="session")
-def encoders(tmp_path_factory):
-    """(CLIP, DINO): tiny random encoders saved in their real formats and loaded by the pack's loaders."""
+def encoder_files(tmp_path_factory):
+    """(CLIP checkpoint, DINO folder): tiny random encoders saved in their real formats."""
     import tiny_encoders
-    from plora_pack.plora_core.encoders import load_dino_encoder, load_open_clip_encoder
 
     folder = tmp_path_factory.mktemp("encoders")
     (folder / "clip").mkdir()
     (folder / "dino").mkdir()
     _, paths = tiny_encoders.build_tiny_clip(str(folder / "clip"))
     tiny_encoders.build_tiny_dino_v1(str(folder / "dino"))
-    return (load_open_clip_encoder(tiny_encoders.TINY_CLIP_ARCH, paths["safetensors"]),
-            load_dino_encoder(str(folder / "dino")))
+    return paths["safetensors"], str(folder / "dino")
+
+
+@pytest.fixture(scope="session")
+def encoders(encoder_files):
+    """(CLIP, DINO): the tiny encoders loaded by the pack's loaders."""
+    import tiny_encoders
+    from plora_pack.plora_core.encoders import load_dino_encoder, load_open_clip_encoder
+
+    clip_file, dino_folder = encoder_files
+    return load_open_clip_encoder(tiny_encoders.TINY_CLIP_ARCH, clip_file), load_dino_encoder(dino_folder)

@@ -12,20 +12,6 @@ from host_support import sd15_conditioning, tiny_sd15, tiny_vae
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def encoders(tmp_path_factory):
-    from plora_pack.plora_core.encoders import load_dino_encoder, load_open_clip_encoder
-
-    folder = tmp_path_factory.mktemp("encoders")
-    (folder / "clip").mkdir()
-    (folder / "dino").mkdir()
-    _, paths = tiny_encoders.build_tiny_clip(str(folder / "clip"))
-    tiny_encoders.build_tiny_dino_v1(str(folder / "dino"))
-    clip = load_open_clip_encoder(tiny_encoders.TINY_CLIP_ARCH, paths["safetensors"])
-    dino = load_dino_encoder(str(folder / "dino"))
-    return clip, dino, paths["safetensors"], str(folder / "dino")
-
-
 @pytest.fixture
 def references():
     generator = torch.Generator().manual_seed(7)
@@ -36,7 +22,7 @@ def references():
 
 def run(pack, model, vae, encoders, references, m=10.0, mode="fast", sampler="euler", denoise=1.0,
         latent=None, seed=3, **overrides):
-    clip, dino, *_ = encoders
+    clip, dino = encoders
     subject, style = references
     latent = latent or {"samples": torch.zeros(1, 4, 8, 8)}
     settings = dict(clip_subject_weight=1.0, clip_style_weight=1.0, dino_style_weight=1.0, gradient_mode=mode,
@@ -53,7 +39,7 @@ def final_score(pack, vae, encoders, references, latent):
     from plora_pack.plora_core.image_preprocess import to_nchw
     from plora_pack.plora_core.scores import embed_references, metric_residual
 
-    clip, dino, *_ = encoders
+    clip, dino = encoders
     refs = embed_references(clip, dino, to_nchw(references[0]), to_nchw(references[1]))
     with torch.no_grad():
         images = (vae.first_stage_model.decode(latent["samples"]) + 1) / 2
@@ -113,7 +99,7 @@ def test_window_and_every_n(pack, encoders, references):
 
 def test_received_models_are_not_modified(pack, encoders, references):
     model, vae = tiny_sd15(), tiny_vae()
-    clip, dino, *_ = encoders
+    clip, dino = encoders
     snapshots = [{k: v.clone() for k, v in m.state_dict().items()}
                  for m in (model.model, vae.first_stage_model, clip.model, dino.model)]
     run(pack, model, vae, encoders, references, mode="exact")
@@ -133,7 +119,7 @@ def test_vp_units_scale_the_fast_euler_step(pack, encoders, references):
     from plora_pack.plora_core.scores import embed_references, metric_residual
 
     model, vae = tiny_sd15(), tiny_vae()
-    clip, dino, *_ = encoders
+    clip, dino = encoders
     states = {}
 
     def capture(name):
@@ -193,8 +179,8 @@ def test_nan_gradient_skips_the_step_and_warns_once(pack, encoders, references, 
     assert caplog.text.count("NaN/Inf") == 1 and f"{STEPS} step(s) skipped" in log
 
 
-def test_encoder_loader_nodes_read_local_files(pack, encoders):
-    _, _, clip_file, dino_folder = encoders
+def test_encoder_loader_nodes_read_local_files(pack, encoder_files):
+    clip_file, dino_folder = encoder_files
     clip = pack.nodes.encoder_nodes.LoadPLoRACLIPEncoder().load(clip_file, tiny_encoders.TINY_CLIP_ARCH, "fp32")[0]
     dino = pack.nodes.encoder_nodes.LoadPLoRADINOEncoder().load(dino_folder, "auto")[0]
     pixels = torch.rand(1, 3, 32, 32)

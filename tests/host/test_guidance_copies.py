@@ -102,16 +102,21 @@ def test_vae_with_a_native_handle(pack, encoders):
     decoder = pack.nodes.guidance.differentiable_decoder(vae)
     assert not holds_handle(decoder) and holds_handle(vae.first_stage_model)
     assert not any(p.is_inference() or p.requires_grad for p in decoder.parameters())
-    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    assert_decodes_like_the_host_and_backprops(decoder, vae.first_stage_model, seed=0)
+    del decoder
+    gc.collect()
+    assert handle.serial not in NativeHandle.freed and holder._v is handle
+
+
+def assert_decodes_like_the_host_and_backprops(decoder, host_model, seed: int) -> None:
+    """The copy decodes exactly as the host model does, and gradients flow through it."""
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed), requires_grad=True)
     with torch.no_grad():
-        host = vae.first_stage_model.decode(z.detach())
+        host = host_model.decode(z.detach())
     out = decoder.decode(z)
     assert torch.equal(out.detach(), host)
     (grad,) = torch.autograd.grad(out.square().sum(), z)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
-    del decoder, out
-    gc.collect()
-    assert handle.serial not in NativeHandle.freed and holder._v is handle
 
 
 def test_taesd_copy_decodes_like_the_host_and_backprops(pack):
@@ -126,13 +131,7 @@ def test_taesd_copy_decodes_like_the_host_and_backprops(pack):
     before = snapshot(vae.first_stage_model)
     decoder = pack.nodes.guidance.differentiable_decoder(vae)
     assert type(decoder) is type(vae.first_stage_model) and not holds_handle(decoder)
-    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    with torch.no_grad():
-        host = vae.first_stage_model.decode(z.detach())
-    out = decoder.decode(z)
-    assert torch.equal(out.detach(), host)
-    (grad,) = torch.autograd.grad(out.square().sum(), z)
-    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert_decodes_like_the_host_and_backprops(decoder, vae.first_stage_model, seed=1)
     assert unchanged(before, vae.first_stage_model)
 
 
