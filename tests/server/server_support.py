@@ -239,16 +239,7 @@ class Server:
         """Queue an API-format prompt and wait (bounded) for its history entry."""
         status, answer = self.post("/prompt", {"prompt": prompt})
         assert status == 200, answer
-        prompt_id = answer["prompt_id"]
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            history = self.get(f"/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
-                return history[prompt_id]
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited; log:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s; log:\n{self.log.read_text()[-3000:]}")
+        return self.wait(answer["prompt_id"], timeout)
 
 
 @contextmanager
