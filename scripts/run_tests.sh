@@ -44,7 +44,7 @@ if [ -n "${COMFYUI_PATH:-}" ] && [ -f "$COMFYUI_PATH/requirements.txt" ]; then
   # The browser tier also opens the workflows with the newest frontend from PyPI, served by the checkout
   # (`--front-end-root`): installed into a folder of its own, so the checkout keeps the frontend it pins.
   FRONTEND_VERSION=${PLORA_FRONTEND_VERSION:-1.58.1}
-  FRONTEND_DIR="$(dirname "$VENV")/comfyui-frontend-newest"
+  FRONTEND_DIR="$VENV/comfyui-frontend-newest"  # inside the tests' own environment, nowhere else
   if ! grep -qsx "Version: $FRONTEND_VERSION" "$FRONTEND_DIR"/comfyui_frontend_package-*.dist-info/METADATA; then
     rm -rf "$FRONTEND_DIR"
     "$VPY" -m pip install --quiet --no-deps --target "$FRONTEND_DIR" "comfyui-frontend-package==$FRONTEND_VERSION"

@@ -40,7 +40,7 @@ THUMBNAIL_FRONTEND = "bundled"  # the newer one outlines the placeholder models 
 def newest_frontend() -> tuple[Path | None, str]:
     """(static folder, version) of the newest frontend package: $PLORA_FRONTEND_ROOT (a `pip install
     --target` folder), else the one scripts/run_tests.sh installs next to the tests' venv."""
-    target = Path(os.environ.get("PLORA_FRONTEND_ROOT") or Path(sys.prefix).parent / "comfyui-frontend-newest")
+    target = Path(os.environ.get("PLORA_FRONTEND_ROOT") or Path(sys.prefix) / "comfyui-frontend-newest")
     static = target / "comfyui_frontend_package" / "static"
     versions = [d.version for d in metadata.distributions(name="comfyui-frontend-package", path=[str(target)])]
     if not (static / "index.html").is_file() or len(versions) != 1:
@@ -50,7 +50,7 @@ def newest_frontend() -> tuple[Path | None, str]:
 
 NEWEST_STATIC, NEWEST_VERSION = newest_frontend()
 NO_NEWEST = ("the newest comfyui-frontend-package is not installed: `bash scripts/run_tests.sh` with COMFYUI_PATH "
-             "set installs it (`pip install --target <venv>/../comfyui-frontend-newest comfyui-frontend-package`), "
+             "set installs it (`pip install --target <venv>/comfyui-frontend-newest comfyui-frontend-package`), "
              "or set PLORA_FRONTEND_ROOT to such a folder.")
 
 
