@@ -126,9 +126,16 @@ class KLoraSelection:
         self.state = state
         self.model_sampling = model_sampling
         self._warned = False
+        self._progress: tuple[tuple, tuple[float, int]] | None = None  # (model call, its progress)
 
     def progress(self) -> tuple[float, int]:
-        """(position in steps, number of steps) of the current model call in its run."""
+        """(position in steps, number of steps) of the current model call, worked out once per call."""
+        call = (self.state.sigma, self.state.sample_sigmas)
+        if self._progress is None or self._progress[0] != call:
+            self._progress = (call, self._call_progress())
+        return self._progress[1]
+
+    def _call_progress(self) -> tuple[float, int]:
         schedule = self.state.sample_sigmas
         if len(schedule) > 1:
             return schedule_position(self.state.sigma, schedule), len(schedule) - 1
