@@ -6,8 +6,7 @@ gate over its layer's `forward` on the model instance that actually runs, for th
 the call, and puts the layers back afterwards (so the host's own forward, with casting,
 offloading and other LoRAs' patches, still runs inside, and a model instance ComfyUI builds
 later - hooks, multi-GPU, compile - is gated too: nothing captured when the node ran can go
-stale). The 2024 core has no wrappers: there the gates are object-patched when the node runs.
-Layers only one LoRA touches get that LoRA through ComfyUI's own `add_patches`, exactly as a
+stale). Layers only one LoRA touches get that LoRA through ComfyUI's own `add_patches`, exactly as a
 direct merge would.
 
 The same mechanism runs the paper's rivals for comparison (`method`): K-LoRA as another
@@ -94,23 +93,9 @@ class GateInstaller:
         return known[1]
 
     def install(self, model_patcher) -> None:
-        """Put the gates on a clone: at run time where the host has wrappers, else as object patches."""
+        """Put the gates on a clone: installed at run time, on each model call, by this APPLY_MODEL wrapper."""
         model_patcher.model_options.setdefault("transformer_options", {})[GATE_KEY] = self  # for the selection map
-        if host.RUN_TIME_LAYER_PATCHES:
-            host.add_model_call_wrapper(model_patcher, GATE_KEY, self)
-            return
-        for path, gate in self.gates.items():
-            model_patcher.add_object_patch(f"{path}.forward",
-                                           gate.bind(model_patcher.get_model_object(f"{path}.forward")))
-        previous = model_patcher.model_options.get("model_function_wrapper")
-
-        def plora_step_tracker(apply_model, args):
-            self.begin_model_call(args["input"], args["timestep"], args["c"].get("transformer_options", {}))
-            if previous is not None:
-                return previous(apply_model, args)
-            return apply_model(args["input"], args["timestep"], **args["c"])
-
-        model_patcher.set_model_unet_function_wrapper(plora_step_tracker)
+        host.add_model_call_wrapper(model_patcher, GATE_KEY, self)
 
 
 METHODS = ("p-lora", "direct", "k-lora", "b-lora")

@@ -11,13 +11,13 @@ inside `patch()`:
   its own history and noise;
 - in exact mode, a model-call wrapper that keeps the graph of the guided steps' calls, so
   grad_x R through the denoiser costs one backward and no second forward;
-- an OUTER_SAMPLE wrapper (ComfyUI 0.3+) that sets up each run from what the sampler node
+- an OUTER_SAMPLE wrapper that sets up each run from what the sampler node
   actually runs: the sigma schedule (the guidance window), the k-diffusion sampler function
   (the per-sampler update coefficient of the core's SAMPLERS table), the guider's cfg, the
   model's sampling type, and a differentiable copy of the decoder for that run only.
 
-Without those wrappers (the 2024 core) a run is configured explicitly (`GuidanceHooks.run`),
-which is what PosteriorMetricGuidanceSampler does on every host.
+PosteriorMetricGuidanceSampler, which runs KSampler's path itself, configures its run
+explicitly instead (`GuidanceHooks.run`) from its own widgets.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class GuidanceRun:
     window: GuidanceWindow
     flow: bool
     sigma_data: float
-    cfg: float  # cond_scale where the host's post-CFG args lack it (2024 core)
+    cfg: float  # the guider's cfg, where the post-CFG args lack cond_scale
     decoder: torch.nn.Module
     counter: StepCounter
     record: GuidanceRecord = field(default_factory=GuidanceRecord)
@@ -337,12 +337,12 @@ def log_run(run: GuidanceRun) -> None:
 def install_guidance(model, settings: GuidanceSettings, *, at_run_time: bool = True):
     """(a guided clone of `model`, its hooks). The MODEL received is not modified.
 
-    at_run_time: each sampling run is set up by an OUTER_SAMPLE wrapper (ComfyUI 0.3+; any sampler
-    node). False: the caller configures every run with `hooks.run(...)` (works on every host).
+    at_run_time: each sampling run is set up by an OUTER_SAMPLE wrapper (any sampler node). False:
+    the caller configures every run with `hooks.run(...)` (PosteriorMetricGuidanceSampler).
     """
     hooks = guidance_hooks(settings)
     guided = model.clone()
-    if at_run_time:  # first: on a host without sampler wrappers this is the error to see
+    if at_run_time:
         host.add_outer_sample_wrapper(guided, WRAPPER_KEY, hooks.outer_sample)
     if hooks.model_call is not None:
         enable_denoiser_backward(guided)

@@ -1,8 +1,7 @@
 """PosteriorMetricGuidanceSampler: KSampler plus CLIP/DINO score guidance (paper Eq. 14-20), one node.
 
 The same guided model as PLoRAMetricGuidance, with the run configured explicitly from the
-node's own sampler, scheduler, steps and cfg, so it also works where ComfyUI has no sampler
-wrappers (the 2024 core). Inputs and widget order are those of saved workflows: do not reorder.
+node's own sampler, scheduler, steps and cfg (no OUTER_SAMPLE wrapper needed). Inputs and widget order are those of saved workflows: do not reorder.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""The few ComfyUI calls the pack makes, written once for both host generations.
+"""The few ComfyUI calls the pack makes: the only module of the pack that imports ComfyUI.
 
-The 2024 core and ComfyUI v0.3.x differ in what `comfy.lora.load_lora` returns (tuples
-vs `weight_adapter` objects) and in whether `comfy.lora_convert.convert_lora` exists.
-Everything that depends on that lives here.
+The pack needs ComfyUI v0.3.64 or newer (pyproject's `requires-comfyui`): run-time wrappers
+(`comfy.patcher_extension`), `weight_adapter` patches from `comfy.lora.load_lora`, and
+`comfy.lora_convert`. Anything that differs between ComfyUI versions is settled here.
 """
 
 from __future__ import annotations
@@ -14,26 +14,15 @@ import stat
 import torch
 
 import comfy.lora
+import comfy.lora_convert
+import comfy.patcher_extension
 import comfy.sd
 import comfy.utils
+import folder_paths
 
 from ..plora_core.lora_file import regular_file_stat
 
 logger = logging.getLogger("plora")
-
-try:
-    import comfy.lora_convert as _lora_convert
-except ImportError:  # 2024 core
-    _lora_convert = None
-
-try:
-    import comfy.patcher_extension as _patcher_extension
-except ImportError:  # 2024 core: no wrappers; per-layer behaviour is object-patched when the node runs
-    _patcher_extension = None
-
-RUN_TIME_LAYER_PATCHES = _patcher_extension is not None
-logger.debug("P-LoRA: per-layer gates are installed %s", "at run time (APPLY_MODEL wrapper)"
-             if RUN_TIME_LAYER_PATCHES else "when the node runs (object patches; this ComfyUI has no wrappers)")
 
 
 def add_model_call_wrapper(model_patcher, key: str, wrapper) -> None:
@@ -42,16 +31,14 @@ def add_model_call_wrapper(model_patcher, key: str, wrapper) -> None:
     `wrapper(executor, x, sigma, c_concat, c_crossattn, control, transformer_options, **kwargs)`
     gets in `executor.class_obj` the model instance that actually runs (ComfyUI may run a deep
     copy: multi-GPU, hooked conditioning), so per-layer behaviour installed from there never goes
-    stale. Only when RUN_TIME_LAYER_PATCHES.
+    stale.
     """
-    model_patcher.add_wrapper_with_key(_patcher_extension.WrappersMP.APPLY_MODEL, key, wrapper)
+    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, wrapper)
 
 
 def model_call_wrappers(model_patcher, key: str) -> list:
-    """The wrappers `add_model_call_wrapper` added under `key` ([] on the 2024 core)."""
-    if not RUN_TIME_LAYER_PATCHES:
-        return []
-    return list(model_patcher.get_wrappers(_patcher_extension.WrappersMP.APPLY_MODEL, key))
+    """The wrappers `add_model_call_wrapper` added under `key`."""
+    return list(model_patcher.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key))
 
 # ComfyUI's model_config classes (comfy/supported_models.py) -> the family names plora_core.lora_info uses.
 # A subclass (FluxSchnell, ChromaRadiance, WAN22_T2V, SSD1B, ...) takes its nearest listed class's family;
@@ -103,8 +90,8 @@ def clip_key_map(clip) -> dict:
 
 
 def convert_lora(tensors: dict) -> dict:
-    """ComfyUI's own format conversions (v0.3.x), identity on the 2024 core."""
-    return _lora_convert.convert_lora(tensors) if _lora_convert is not None else tensors
+    """ComfyUI's own LoRA format conversions (comfy.lora_convert)."""
+    return comfy.lora_convert.convert_lora(tensors)
 
 
 def load_lora_patches(tensors: dict, key_map: dict) -> dict:
@@ -113,17 +100,14 @@ def load_lora_patches(tensors: dict, key_map: dict) -> dict:
 
 
 def lora_factors(patch):
-    """(up, down, alpha, mid) for a plain LoRA/LoCon patch of either host, else None.
+    """(up, down, alpha, mid) for a plain LoRA/LoCon patch (ComfyUI's `LoRAAdapter`), else None.
 
     DoRA (dora_scale) and reshaping patches have no cheap factored form: None, so the
     caller takes the dense path.
     """
-    if isinstance(patch, tuple) and len(patch) == 2 and patch[0] == "lora":
-        weights = patch[1]
-    elif getattr(patch, "name", None) == "lora" and hasattr(patch, "weights"):
-        weights = patch.weights
-    else:
+    if getattr(patch, "name", None) != "lora" or not hasattr(patch, "weights"):
         return None
+    weights = patch.weights
     up, down, alpha, mid, dora_scale, reshape = weights[:6]
     if dora_scale is not None or reshape is not None:
         return None
@@ -188,37 +172,24 @@ def get_attr(obj, path: str):
 #
 # Every file the pack opens is named by the user as a name inside one of ComfyUI's model folders
 # (`loras`, `open_clip`, `dino`) and found exactly as ComfyUI's own loaders find it: through
-# `folder_paths` when ComfyUI is there (which also turns `..` and absolute names into names inside
-# the folder), else through folders registered with `add_model_folder` (the 2024 core has no
-# folder_paths). A name that is not a regular file inside those folders gets the core loaders'
-# error, naming the folder and the name as given, whatever exists elsewhere on the server.
-
-try:
-    import folder_paths as _folder_paths
-except ImportError:  # the 2024 core (tests): no folder_paths, folders come from add_model_folder
-    _folder_paths = None
-_registered_folders: dict[str, list[str]] = {}
+# `folder_paths` (which also turns `..` and absolute names into names inside the folder). A name
+# that is not a regular file inside those folders gets the core loaders' error, naming the folder
+# and the name as given, whatever exists elsewhere on the server.
 
 
 def add_model_folder(kind: str, folder: str) -> None:
     """Make `folder` one of the `kind` model folders ('loras', 'open_clip', 'dino').
 
-    Inside ComfyUI this is folder_paths.add_model_folder_path (what extra_model_paths.yaml does);
-    without it, the pack's own list. Tests register their temporary folders here.
+    This is folder_paths.add_model_folder_path (what extra_model_paths.yaml does). Tests register
+    their temporary folders here.
     """
-    folder = os.path.abspath(folder)
-    if _folder_paths is not None:
-        _folder_paths.add_model_folder_path(kind, folder)
-    elif folder not in _registered_folders.setdefault(kind, []):
-        _registered_folders[kind].append(folder)
+    folder_paths.add_model_folder_path(kind, os.path.abspath(folder))
 
 
 def model_folders(kind: str) -> list[str]:
     """The folders of one kind, in ComfyUI's search order."""
-    if _folder_paths is not None:
-        kind = _folder_paths.map_legacy(kind) if hasattr(_folder_paths, "map_legacy") else kind
-        return _folder_paths.get_folder_paths(kind) if kind in _folder_paths.folder_names_and_paths else []
-    return list(_registered_folders.get(kind, []))
+    kind = folder_paths.map_legacy(kind)
+    return folder_paths.get_folder_paths(kind) if kind in folder_paths.folder_names_and_paths else []
 
 
 def _not_found(kind: str, name: str) -> FileNotFoundError:
@@ -255,10 +226,7 @@ def resolve_model_file(kind: str, name: str) -> str:
     relative = model_name(kind, name)
     if "\0" in relative:
         raise _not_found(kind, name)
-    if _folder_paths is not None:
-        path = _folder_paths.get_full_path(kind, relative)
-    else:
-        path = next((p for p in _inside_folders(kind, relative) if os.path.isfile(p)), None)
+    path = folder_paths.get_full_path(kind, relative)
     if path is None or regular_file_stat(path) is None:  # isfile follows links; a FIFO or device is refused
         raise _not_found(kind, name)
     return path
@@ -279,13 +247,7 @@ def resolve_model_dir(kind: str, name: str) -> str:
 
 def model_file_list(kind: str) -> list[str]:
     """Names of the files in the `kind` folders, as ComfyUI lists them (relative, sorted)."""
-    if _folder_paths is not None:
-        return _folder_paths.get_filename_list(kind) if model_folders(kind) else []
-    names = set()
-    for base in model_folders(kind):
-        for root, _, files in os.walk(base, followlinks=True):
-            names.update(os.path.relpath(os.path.join(root, f), base) for f in files)
-    return sorted(names)
+    return folder_paths.get_filename_list(kind) if model_folders(kind) else []
 
 
 def model_dir_list(kind: str) -> list[str]:
@@ -347,7 +309,8 @@ def is_flow_model(model_patcher) -> bool:
 def run_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise) -> dict:
     """KSampler's own path (noise, noise mask, preview, progress) via nodes.common_ksampler.
 
-    The 2024 core has no nodes.py: the same calls are made here, without the preview.
+    Outside a running server (the host tests) ComfyUI's nodes.py is not imported: the same calls
+    are made here, without the preview.
     """
     import sys
 
@@ -358,8 +321,7 @@ def run_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, neg
         return host_nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                           latent_image, denoise=denoise)[0]
     latent = latent_image["samples"]
-    if hasattr(comfy.sample, "fix_empty_latent_channels"):
-        latent = comfy.sample.fix_empty_latent_channels(model, latent)
+    latent = comfy.sample.fix_empty_latent_channels(model, latent)
     noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
     samples = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
                                   denoise=denoise, noise_mask=latent_image.get("noise_mask"), seed=seed)
@@ -370,21 +332,10 @@ def run_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, neg
 
 # ---------------------------------------------------------------- sampler-level wrappers (guidance)
 
-SAMPLER_WRAPPERS = _patcher_extension is not None
-logger.debug("P-LoRA: %s", "the PLoRAMetricGuidance MODEL learns each run from ComfyUI's OUTER_SAMPLE wrapper"
-             if SAMPLER_WRAPPERS else "this ComfyUI has no sampler wrappers: guidance runs only through "
-             "PosteriorMetricGuidanceSampler")
-
-
 def add_outer_sample_wrapper(model_patcher, key: str, wrapper) -> None:
     """Wrap every sampling run of this clone (`CFGGuider.outer_sample`, whichever node samples it).
 
     `wrapper(executor, noise, latent_image, sampler, sigmas, *args, **kwargs)` gets the guider in
-    `executor.class_obj`, the KSAMPLER and the run's sigmas. The 2024 core has no such wrapper.
+    `executor.class_obj`, the KSAMPLER and the run's sigmas.
     """
-    if not SAMPLER_WRAPPERS:
-        raise RuntimeError("P-LoRA Metric Guidance (the guided MODEL) needs a ComfyUI with sampler wrappers "
-                           "(comfy.patcher_extension, December 2024 or newer): it reads the sampler, sigmas and cfg "
-                           "of each run from them. Update ComfyUI, or use P-LoRA Metric Guidance Sampler "
-                           "(PosteriorMetricGuidanceSampler), which configures the run itself.")
-    model_patcher.add_wrapper_with_key(_patcher_extension.WrappersMP.OUTER_SAMPLE, key, wrapper)
+    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, wrapper)

@@ -14,7 +14,7 @@ reliably put them on the path autograd sees; and the original would be modified,
 briefly, while the guidance runs. The copy's forward sees only its own tensors. ComfyUI's VAE
 (`first_stage_model`), TAESD and CLIP vision models keep nothing but sub-modules, parameters,
 buffers, configuration values and functions (the attention function) on their modules, which
-is exactly what is copied (checked on the 2024 core and v0.3.64 by the host tests).
+is exactly what is copied (checked on ComfyUI v0.3.64 by the host tests).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def frozen_normal_copy(module: torch.nn.Module, device=None) -> torch.nn.Module:
 def copy_tensors_as_saved():
     """Autograd hooks that copy each tensor as it is saved for backward.
 
-    Host blocks that add residuals in place (ComfyUI's CLIP vision; the 2024 core's UNet)
+    Host blocks that add residuals in place (ComfyUI's CLIP vision)
     otherwise make backward fail with "modified by an inplace operation".
     """
     return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)

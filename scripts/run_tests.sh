@@ -2,14 +2,21 @@
 # Sets up what the tests need on a fresh machine and runs them: `bash scripts/run_tests.sh`.
 # Extra arguments go to pytest (e.g. `bash scripts/run_tests.sh tests/core -q`).
 #
+# The host, server and browser tiers run on a ComfyUI checkout (v0.3.64 or newer): $COMFYUI_PATH,
+# or the ComfyUI this pack is installed in (ComfyUI/custom_nodes/<pack>); without one they skip
+# and say why.
+#
 # Everything is installed into a virtual environment of the tests' own (default
 # ~/.cache/plora-tests/venv-<python version>, or $PLORA_TEST_VENV), never into the Python that
-# runs it: the 2024 ComfyUI core the host tier uses (PyPI's `notcomfy`) installs top-level
-# `comfy`, `comfy_execution` and `comfy_extras` packages, which would shadow a ComfyUI
-# checkout's own folders of those names in any environment that holds ComfyUI.
+# runs this script (a ComfyUI user's venv stays exactly as it was).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+if [ -z "${COMFYUI_PATH:-}" ] && [ -f ../../comfy/model_patcher.py ] && [ -f ../../main.py ]; then
+  COMFYUI_PATH=$(cd ../.. && pwd)
+  export COMFYUI_PATH
+  echo "Testing against the ComfyUI this pack is installed in: $COMFYUI_PATH" >&2
+fi
 
 version=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 VENV=${PLORA_TEST_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/plora-tests/venv-$version}
@@ -33,8 +40,20 @@ if ! "$VPY" -c "import torch, torchvision" >/dev/null 2>&1; then
   "$VPY" -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 fi
 "$VPY" -m pip install --quiet -r requirements-test.txt
-# ComfyUI's comfy package (2024 core) for the host tier; its declared deps would pull another torch.
-"$VPY" -m pip install --quiet --no-deps "notcomfy==0.1.0"
+# Earlier versions put the 2024 `comfy` core (PyPI's notcomfy) into this environment; the pack now needs a
+# real ComfyUI checkout, and an installed `comfy` package would shadow it.
+# (Only from this environment's own site-packages: never from a folder another environment lends it.)
+if "$VPY" - <<'PY'
+import importlib.metadata, sys
+try:
+    where = str(importlib.metadata.distribution("notcomfy").locate_file(""))
+except importlib.metadata.PackageNotFoundError:
+    sys.exit(1)
+sys.exit(0 if where.startswith(sys.prefix) else 1)
+PY
+then
+  "$VPY" -m pip uninstall --quiet --yes notcomfy
+fi
 # With a full ComfyUI checkout, the server tier runs it with this environment's Python: its
 # requirements (torch and torchaudio aside) and playwright for the browser tier go here too.
 if [ -n "${COMFYUI_PATH:-}" ] && [ -f "$COMFYUI_PATH/requirements.txt" ]; then

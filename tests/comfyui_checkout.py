@@ -1,4 +1,4 @@
-"""Finding a full ComfyUI checkout and making its packages win over an installed 2024 core."""
+"""Finding a full ComfyUI checkout and making its packages win over same-named installed packages."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# ComfyUI's top-level folders that have no __init__.py; the notcomfy wheel installs some of the
-# same names as regular packages, which would otherwise shadow the checkout's.
+# ComfyUI's top-level folders that have no __init__.py (namespace packages): a regular package of the
+# same name anywhere on sys.path (`utils`, `app`, `models`, or an old `comfy` wheel) would win over them.
 PACKAGES = ("comfy", "comfy_execution", "comfy_extras", "comfy_api", "comfy_api_nodes", "comfy_config", "app",
             "utils", "api_server", "middleware", "alembic_db")
 

@@ -1,28 +1,33 @@
-"""Shared test setup: the repo root and tests/ on sys.path, a full ComfyUI first if one is given."""
+"""Shared test setup: tests/ on sys.path, a full ComfyUI checkout first if one is found, the pack as `plora_pack`.
+
+The repo root is deliberately not on sys.path: every tier imports the pack under one name
+(`plora_pack`, see pack_loader.py), never `plora_core` as a top-level package of its own.
+"""
 
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
 
-for path in (str(TESTS), str(ROOT)):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+# The repo root (also as '' when pytest runs from it with `python -m pytest`) would make `import plora_core`
+# a second copy of the pack's core next to plora_pack.plora_core.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 
 from comfyui_checkout import bind_checkout_packages, find_checkout  # noqa: E402
 
-# A full ComfyUI checkout (COMFYUI_PATH, or the pack installed in ComfyUI/custom_nodes)
-# provides `comfy` ahead of any installed 2024 core.
+# A full ComfyUI checkout (COMFYUI_PATH, or the pack installed in ComfyUI/custom_nodes) provides `comfy`.
 COMFYUI = find_checkout()
 if COMFYUI:
     bind_checkout_packages(COMFYUI)
-
-# ComfyUI picks its device when comfy.model_management is first imported (pytest imports the
-# pack's root __init__.py as a package, which imports the nodes): make that the CPU.
-try:
+    # ComfyUI picks its device when comfy.model_management is first imported (loading the pack imports
+    # the nodes, which import it): make that the CPU first.
     import comfy.cli_args
-except ImportError:
-    pass
-else:
+
     comfy.cli_args.args.cpu = True
+
+from pack_loader import load_pack  # noqa: E402
+
+load_pack()

@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parents[1]
-PACK_NAME = "plora_pack"
+from pack_loader import PACK_NAME, ROOT, load_pack  # noqa: F401  (re-exported for the host tests)
 
 
 def ensure_cpu() -> None:
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
-
-
-def load_pack():
-    """Import the repo root as a package, as ComfyUI does with custom_nodes/<pack>."""
-    if PACK_NAME in sys.modules:
-        return sys.modules[PACK_NAME]
-    spec = importlib.util.spec_from_file_location(PACK_NAME, ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_NAME] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 MODEL_FOLDER_KINDS = ("loras", "open_clip", "dino")

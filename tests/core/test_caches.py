@@ -5,9 +5,9 @@ import tiny_encoders
 import torch
 from safetensors.torch import save_file
 
-from plora_core import encoders
-from plora_core.encoders import ENCODER_CACHE, ImageEncoder, load_open_clip_encoder, release_encoders
-from plora_core.lora_file import LORA_CACHE, SizedCache, clear_lora_cache, read_lora_file
+from plora_pack.plora_core import encoders
+from plora_pack.plora_core.encoders import ENCODER_CACHE, ImageEncoder, load_open_clip_encoder, release_encoders
+from plora_pack.plora_core.lora_file import LORA_CACHE, SizedCache, clear_lora_cache, read_lora_file
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plora_core.deltas import DensePart, LayerDelta, LayerGeometry, LowRankPart, normalise_factors
+from plora_pack.plora_core.deltas import DensePart, LayerDelta, LayerGeometry, LowRankPart, normalise_factors
 
 
 def test_linear_low_rank_equals_dense_matmul():

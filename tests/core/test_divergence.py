@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from plora_core import divergence
-from plora_core.divergence import (DIVERGENCES, cosine_distance, dot_drop, get_divergence, get_shift_divergence,
-                                   js_divergence, kl_divergence)
+from plora_pack.plora_core import divergence
+from plora_pack.plora_core.divergence import (DIVERGENCES, cosine_distance, dot_drop, get_divergence,
+                                              get_shift_divergence, js_divergence, kl_divergence)
 
 
 def test_kl_matches_closed_form_for_two_channel_distributions():

@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from plora_core.divergence import get_divergence
-from plora_core.gate import delta_divergences, gate_deltas
+from plora_pack.plora_core.divergence import get_divergence
+from plora_pack.plora_core.gate import delta_divergences, gate_deltas
 
 CRITERIA = ("kl", "js", "cosine", "dot")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -9,9 +9,9 @@ import tiny_encoders
 import torch
 import torch.nn.functional as F
 
-from plora_core import encoders
-from plora_core.encoders import EncoderLoadError, load_dino_encoder, load_open_clip_encoder
-from plora_core.image_preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess, to_nchw
+from plora_pack.plora_core import encoders
+from plora_pack.plora_core.encoders import EncoderLoadError, load_dino_encoder, load_open_clip_encoder
+from plora_pack.plora_core.image_preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess, to_nchw
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

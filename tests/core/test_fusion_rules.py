@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plora_core import fusion_rules
-from plora_core.deltas import DensePart, LayerDelta, LayerGeometry, LowRankPart
-from plora_core.fusion_rules import (
+from plora_pack.plora_core import fusion_rules
+from plora_pack.plora_core.deltas import DensePart, LayerDelta, LayerGeometry, LowRankPart
+from plora_pack.plora_core.fusion_rules import (
     KLoraRule,
     b_lora_routing,
     klora_gamma,
@@ -26,7 +26,7 @@ from plora_core.fusion_rules import (
     schedule_position,
     topk_abs_sum,
 )
-from plora_core.recorder import STYLE, SUBJECT
+from plora_pack.plora_core.recorder import STYLE, SUBJECT
 
 # --- the definitions written out --------------------------------------------------------------------
 

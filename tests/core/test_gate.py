@@ -1,9 +1,9 @@
 import torch
 
-from plora_core.deltas import LayerDelta, LayerGeometry, LowRankPart
-from plora_core.gate import gate
-from plora_core.gate import LayerGate
-from plora_core.recorder import STYLE, SUBJECT, GateState
+from plora_pack.plora_core.deltas import LayerDelta, LayerGeometry, LowRankPart
+from plora_pack.plora_core.gate import gate
+from plora_pack.plora_core.gate import LayerGate
+from plora_pack.plora_core.recorder import STYLE, SUBJECT, GateState
 
 
 def direct_eq_9_13(w0, dw_c, dw_s, x):
@@ -112,8 +112,8 @@ def divergence64(base, delta, criterion, channel_dim):
 
 
 def test_gate_from_deltas_decides_like_the_float64_definitions_for_every_criterion():
-    from plora_core.divergence import DIVERGENCES
-    from plora_core.gate import gate_deltas
+    from plora_pack.plora_core.divergence import DIVERGENCES
+    from plora_pack.plora_core.gate import gate_deltas
 
     assert set(DIVERGENCES) == {"kl", "js", "cosine", "dot"}
     torch.manual_seed(3)
@@ -133,7 +133,7 @@ def test_gate_from_deltas_decides_like_the_float64_definitions_for_every_criteri
 
 
 def test_gate_deltas_reads_the_deltas_and_keeps_the_models_dtype():
-    from plora_core.gate import gate_deltas
+    from plora_pack.plora_core.gate import gate_deltas
 
     torch.manual_seed(4)
     base = (torch.randn(3, 7, 12) * 5).half()
@@ -147,7 +147,7 @@ def test_gate_deltas_reads_the_deltas_and_keeps_the_models_dtype():
 
 def test_gate_deltas_passes_gradients_through_the_chosen_output():
     """Exact guidance backpropagates through gated layers: the chosen F + D must stay differentiable."""
-    from plora_core.gate import gate_deltas
+    from plora_pack.plora_core.gate import gate_deltas
 
     torch.manual_seed(8)
     base = (torch.randn(2, 5, 16) * 4).requires_grad_()
@@ -190,7 +190,7 @@ def test_rows_that_are_not_the_calls_images_get_both_loras_and_no_decision():
 
 def test_on_a_device_without_float64_the_divergences_run_on_the_cpu(monkeypatch):
     """Apple's MPS has no float64: the rule computes there from CPU copies, with the same decisions."""
-    import plora_core.gate as gate_module
+    import plora_pack.plora_core.gate as gate_module
 
     torch.manual_seed(4)
     base = torch.randn(3, 256, 320) * 70

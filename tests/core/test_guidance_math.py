@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
-from plora_core.guidance import (ANCESTRAL, ANCESTRAL_RF, EULER, HEUN, HEUNPP2, SAMPLER_UNITS, SDE, VP_UNITS, X0,
-                                 GuidanceWindow, SamplerStep, StepCounter, denoiser_jacobian, guided_denoised,
-                                 sampler_step, shrink_latent, unit_scale, update_coefficient)
+from plora_pack.plora_core.guidance import (ANCESTRAL, ANCESTRAL_RF, EULER, HEUN, HEUNPP2, SAMPLER_UNITS, SDE,
+                                            VP_UNITS, X0, GuidanceWindow, SamplerStep, StepCounter, denoiser_jacobian,
+                                            guided_denoised, sampler_step, shrink_latent, unit_scale,
+                                            update_coefficient)
 
 
 def test_units_sampler_is_the_identity_and_vp_converts_eps_models_only():

@@ -2,7 +2,7 @@
 
 import torch
 
-from plora_core.image_grid import labelled_grid
+from plora_pack.plora_core.image_grid import labelled_grid
 
 
 def test_images_are_placed_unchanged_in_one_row_under_their_labels():

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from plora_core.lora_file import LoraFileError, read_header
-from plora_core.lora_info import (checkpoint_family, families_compatible, lora_family, lora_rank,
+from plora_pack.plora_core.lora_file import LoraFileError, read_header
+from plora_pack.plora_core.lora_info import (checkpoint_family, families_compatible, lora_family, lora_rank,
                                   trigger_words)
 
 
@@ -56,7 +56,7 @@ def test_checkpoint_family_and_compatibility():
 
 def test_a_flux_lora_on_double_blocks_only_is_named_flux():
     """ai-toolkit/diffusers Flux LoRAs trained on double blocks only have no single-block key."""
-    from plora_core.lora_info import family_from_keys
+    from plora_pack.plora_core.lora_info import family_from_keys
 
     flux = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": (16, 3072),
             "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": (3072, 16),

@@ -12,9 +12,10 @@ import tiny_encoders
 import torch
 from safetensors.torch import save_file
 
-from plora_core import encoders
-from plora_core.encoders import EncoderLoadError, load_dino_encoder, load_open_clip_encoder, read_torchscript_tensors
-from plora_core.lora_file import LoraFileError, clear_lora_cache, read_header, read_lora_file
+from plora_pack.plora_core import encoders
+from plora_pack.plora_core.encoders import (EncoderLoadError, load_dino_encoder, load_open_clip_encoder,
+                                            read_torchscript_tensors)
+from plora_pack.plora_core.lora_file import LoraFileError, clear_lora_cache, read_header, read_lora_file
 
 
 @pytest.fixture(autouse=True)

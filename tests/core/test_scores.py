@@ -5,10 +5,10 @@ import tiny_encoders
 import torch
 import torch.nn.functional as F
 
-from plora_core import encoders
-from plora_core.encoders import load_dino_encoder, load_open_clip_encoder
-from plora_core.image_preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
-from plora_core.scores import (
+from plora_pack.plora_core import encoders
+from plora_pack.plora_core.encoders import load_dino_encoder, load_open_clip_encoder
+from plora_pack.plora_core.image_preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
+from plora_pack.plora_core.scores import (
     CLIP_CONTENT,
     CLIP_STYLE,
     DINO_STYLE,

@@ -1,7 +1,7 @@
 import torch
 
-from plora_core.recorder import COND, UNCOND, SelectionRecorder
-from plora_core.selection_map import STYLE_COLOUR, SUBJECT_COLOUR, UNSEEN_COLOUR, selection_map
+from plora_pack.plora_core.recorder import COND, UNCOND, SelectionRecorder
+from plora_pack.plora_core.selection_map import STYLE_COLOUR, SUBJECT_COLOUR, UNSEEN_COLOUR, selection_map
 
 
 def test_cells_show_the_choice_per_step_and_layer_for_each_cfg_pass():

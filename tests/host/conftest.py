@@ -1,13 +1,12 @@
-"""Host tier: needs ComfyUI's `comfy` package (2024 core from PyPI or a full checkout)."""
-
-import importlib.util
+"""Host tier: needs a ComfyUI checkout (v0.3.64 or newer): COMFYUI_PATH, or the pack in ComfyUI/custom_nodes."""
 
 import pytest
+from comfyui_checkout import find_checkout
 
-if importlib.util.find_spec("comfy") is None:
+if find_checkout() is None:
     pytest.skip(
-        "ComfyUI's comfy package is not importable: `pip install --no-deps notcomfy==0.1.0` "
-        "(see README) or set COMFYUI_PATH to a ComfyUI checkout.",
+        "no ComfyUI checkout: set COMFYUI_PATH=/path/to/ComfyUI (v0.3.64 or newer), or install the pack in "
+        "ComfyUI/custom_nodes, to run the host tier.",
         allow_module_level=True,
     )
 

@@ -93,9 +93,6 @@ def k_lora_oracle(subject, style, paths, sigmas, preset):
 @pytest.mark.parametrize("steps,scheduler,preset", [(3, "normal", "s*"), (5, "karras", "s"), (8, "simple", "s*"),
                                                     (8, "karras", "s")])
 def test_k_lora_choices_equal_its_rule_written_out(pack, pair_files, monkeypatch, steps, scheduler, preset):
-    if not pack.nodes.host.RUN_TIME_LAYER_PATCHES:
-        pytest.skip("the 2024 core does not pass the sampler's sigma schedule to the model; K-LoRA's time then "
-                    "comes from the noise level (logged), which matches its step rule only approximately")
     model, pair, paths, subject, style = pair_files
     patched = patch(pack, model, pair, "k-lora", preset)
     order = [name for name, _ in model.model.named_modules() if name in set(paths)]  # the order layers run

@@ -12,11 +12,9 @@ import comfy.sample
 import comfy.samplers
 import pytest
 import torch
-from host_support import load_pack, sd15_conditioning, tiny_sd15, tiny_vae
+from host_support import sd15_conditioning, tiny_sd15, tiny_vae
 from test_guidance_samplers import CFG, STEPS, flow_model, grad_x
 
-WRAPPERS = pytest.mark.skipif(not load_pack().nodes.host.SAMPLER_WRAPPERS,
-                              reason="this ComfyUI has no sampler wrappers (the 2024 core)")
 
 
 @pytest.fixture
@@ -67,14 +65,6 @@ def test_zero_scale_returns_the_model_itself(pack, encoders, references):
     assert guided_model(pack, model, tiny_vae(), encoders, references, m=0.0) is model
 
 
-def test_without_sampler_wrappers_the_node_says_what_to_use(pack, encoders, references):
-    if pack.nodes.host.SAMPLER_WRAPPERS:
-        pytest.skip("this ComfyUI has sampler wrappers")
-    with pytest.raises(RuntimeError, match="sampler wrappers.*PosteriorMetricGuidanceSampler"):
-        guided_model(pack, tiny_sd15(), tiny_vae(), encoders, references)
-
-
-@WRAPPERS
 @pytest.mark.parametrize(("sampler", "options", "flow"), [
     ("euler", None, False), ("euler_ancestral", None, False), ("euler_ancestral", None, True),
     ("euler_ancestral", {"eta": 0.5, "s_noise": 1.0}, False),  # SamplerEulerAncestral's eta, read from the sampler
@@ -108,7 +98,6 @@ def test_samplercustomadvanced_step_is_minus_m_grad_x(pack, encoders, references
     assert torch.allclose(shift, expected, rtol=2e-2, atol=2e-2 * expected.abs().max()), eta
 
 
-@WRAPPERS
 @pytest.mark.parametrize(("sampler", "flow"), [("euler", False), ("heun", False), ("dpmpp_2m_sde", False),
                                                ("uni_pc", False), ("ddim", False), ("dpmpp_2m_sde", True)])
 def test_under_ksampler_it_equals_the_sampler_node(pack, encoders, references, sampler, flow, caplog):
@@ -131,7 +120,6 @@ def test_under_ksampler_it_equals_the_sampler_node(pack, encoders, references, s
     assert torch.allclose(model_latent["samples"], node_latent["samples"], rtol=1e-5, atol=1e-5)
 
 
-@WRAPPERS
 def test_one_guided_model_runs_again_with_other_steps(pack, encoders, references, caplog):
     model, vae = tiny_sd15(), tiny_vae()
     guided = guided_model(pack, model, vae, encoders, references, start=0.5)
@@ -153,7 +141,6 @@ def euler_written_out(model, x, sigmas, extra_args=None, callback=None, disable=
     return x
 
 
-@WRAPPERS
 def test_an_unknown_sampler_function_is_guided_as_euler_and_named_once(pack, encoders, references, caplog):
     model, vae = tiny_sd15(), tiny_vae()
     guided = guided_model(pack, model, vae, encoders, references)
@@ -174,7 +161,6 @@ def test_an_unknown_sampler_function_is_guided_as_euler_and_named_once(pack, enc
     assert torch.allclose(first, euler, rtol=1e-5, atol=1e-5)
 
 
-@WRAPPERS
 def test_dual_cfg_guider_runs_guided(pack, encoders, references, caplog):
     custom = custom_sampling()
     model, vae = tiny_sd15(), tiny_vae()
@@ -192,7 +178,6 @@ def test_dual_cfg_guider_runs_guided(pack, encoders, references, caplog):
     assert torch.isfinite(outputs[1]).all() and not torch.allclose(outputs[0], outputs[1])
 
 
-@WRAPPERS
 def test_a_call_outside_a_run_is_refused_with_a_reason(pack, encoders, references):
     guided = guided_model(pack, tiny_sd15(), tiny_vae(), encoders, references)
     post_cfg = guided.model_options["sampler_post_cfg_function"][-1]
@@ -200,7 +185,6 @@ def test_a_call_outside_a_run_is_refused_with_a_reason(pack, encoders, reference
         post_cfg({"denoised": torch.zeros(1, 4, 8, 8), "sigma": torch.ones(1)})
 
 
-@WRAPPERS
 def test_the_received_model_is_not_modified(pack, encoders, references):
     model = tiny_sd15()
     options = repr(model.model_options)
@@ -210,7 +194,6 @@ def test_the_received_model_is_not_modified(pack, encoders, references):
     assert guided is not model and not model.weight_wrapper_patches
 
 
-@WRAPPERS
 def test_flux_with_a_basic_guider_on_flux_guidance_conditioning(pack, encoders, references, caplog):
     """How Flux users sample: SamplerCustomAdvanced, BasicGuider (cfg 1) on FluxGuidance conditioning."""
     from host_support import flux_conditioning, tiny_flux

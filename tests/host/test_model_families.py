@@ -1,8 +1,7 @@
 """SD3.5, Chroma, Qwen-Image, HiDream and Wan 2.1/2.2: the gate, family detection and the frontend warning.
 
 Tiny models built by ComfyUI's own classes (tests/family_models.py), LoRA files in the formats their
-trainers write, loaded through the pack's nodes. Needs ComfyUI v0.3.3x or newer (COMFYUI_PATH); the
-2024 core has none of these model classes.
+trainers write, loaded through the pack's nodes. Needs ComfyUI v0.3.3x or newer (COMFYUI_PATH).
 """
 
 from __future__ import annotations
@@ -24,8 +23,8 @@ import family_models as fm
 
 _MISSING = fm.missing_family_classes()
 if _MISSING:
-    pytest.skip(f"needs ComfyUI's SD3/Chroma/Qwen-Image/HiDream/Wan model classes ({', '.join(_MISSING)} missing; "
-                "the 2024 core lacks them): run with COMFYUI_PATH=<a ComfyUI v0.3.64+ checkout>",
+    pytest.skip(f"needs ComfyUI's SD3/Chroma/Qwen-Image/HiDream/Wan model classes ({', '.join(_MISSING)} missing): "
+                "run with COMFYUI_PATH=<a ComfyUI v0.3.64+ checkout>",
                 allow_module_level=True)
 
 from host_support import ROOT, tiny_flux  # noqa: E402

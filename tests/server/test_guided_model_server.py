@@ -42,7 +42,7 @@ def reference_files(base_directory):
 def encoders(base_directory):
     """The server's tiny CLIP and DINO, loaded here from the same files."""
     import tiny_encoders
-    from plora_core.encoders import load_dino_encoder, load_open_clip_encoder
+    from plora_pack.plora_core.encoders import load_dino_encoder, load_open_clip_encoder
 
     models = base_directory / "models"
     tiny_encoders.register_tiny_clip_arch(str(base_directory))
