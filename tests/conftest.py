@@ -7,6 +7,8 @@ The repo root is deliberately not on sys.path: every tier imports the pack under
 import sys
 from pathlib import Path
 
+import pytest
+
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 
@@ -31,3 +33,21 @@ if COMFYUI:
 from pack_loader import load_pack  # noqa: E402
 
 load_pack()
+
+
+class RootIsNotATestPackage:
+    """The repo root has an __init__.py (ComfyUI loads the pack from it), so pytest would collect it as a test
+    package and import it under the clone folder's name (or as a bare `__init__` module with the root put on
+    sys.path, where that name is not an identifier): a second copy of the pack. Collected as a plain folder,
+    it is never imported by pytest."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if path == ROOT:
+            return pytest.Dir.from_parent(parent, path=path)
+        return None
+
+
+def pytest_configure(config):
+    # a plugin, not a conftest hook: conftest hooks apply only below tests/, the root is collected before
+    config.pluginmanager.register(RootIsNotATestPackage(), "plora-root-is-not-a-test-package")

@@ -2,9 +2,8 @@
 
 Every tier imports the pack as `plora_pack` (`from plora_pack.plora_core.gate import LayerGate`):
 one `LORA_CACHE`, one `LoraFileError` class per run. The repo root is not on sys.path, so a bare
-`import plora_core` fails instead of loading a second copy. pytest itself imports the root
-`__init__.py` (its Package setup) under the name of the folder the repo is cloned into; that name
-is bound to the same module object, so pytest finds the copy already loaded.
+`import plora_core` fails instead of loading a second copy (and tests/conftest.py keeps pytest
+from importing the root `__init__.py` as a test package of its own).
 """
 
 from __future__ import annotations
@@ -15,18 +14,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "plora_pack"
-
-
-def _pytest_root_package_name() -> str | None:
-    """The module name pytest's Package collector gives the repo root's __init__.py (prepend mode)."""
-    try:
-        from _pytest.pathlib import resolve_pkg_root_and_module_name
-    except ImportError:
-        return None
-    try:
-        return resolve_pkg_root_and_module_name(ROOT / "__init__.py")[1]
-    except Exception:  # noqa: BLE001 - an unusual layout: pytest will then report its own mismatch
-        return None
 
 
 def load_pack():
@@ -42,7 +29,4 @@ def load_pack():
         except BaseException:
             del sys.modules[PACK_NAME]
             raise
-    alias = _pytest_root_package_name()
-    if alias and alias != PACK_NAME:
-        sys.modules.setdefault(alias, module)
     return module

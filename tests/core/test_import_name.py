@@ -9,6 +9,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_plora_core_is_not_importable_on_its_own():
+    assert ROOT not in [Path(entry or ".").resolve() for entry in sys.path]
     with pytest.raises(ImportError):
         __import__("plora_core")
 
