@@ -34,7 +34,7 @@ def test_quick_test_for_ci_imports_the_pack(base_directory):
     log = result.stdout + result.stderr
     assert f"custom_nodes/{server_support.PACK_FOLDER}" in log, log[-2000:]
     failures = [line for line in log.splitlines()
-                if ("IMPORT FAILED" in line or "Cannot import" in line) and server_support.PACK_FOLDER in line]
+                if ("IMPORT FAILED" in line or "Cannot import" in line) and f"custom_nodes/{server_support.PACK_FOLDER}" in line]
     assert failures == [], failures
 
 
