@@ -33,8 +33,9 @@ def test_quick_test_for_ci_imports_the_pack(base_directory):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=CHECKOUT)
     log = result.stdout + result.stderr
     assert f"custom_nodes/{server_support.PACK_FOLDER}" in log, log[-2000:]
+    pack_folder = f"custom_nodes/{server_support.PACK_FOLDER}"
     failures = [line for line in log.splitlines()
-                if ("IMPORT FAILED" in line or "Cannot import" in line) and f"custom_nodes/{server_support.PACK_FOLDER}" in line]
+                if ("IMPORT FAILED" in line or "Cannot import" in line) and pack_folder in line]
     assert failures == [], failures
 
 
