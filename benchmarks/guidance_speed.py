@@ -112,8 +112,11 @@ def main() -> None:
     variants = [v for v in variants if not any(word in v[0] for word in args.skip)]
     def run(steps, m, mode, decoder, decode_size):
         latent = {"samples": torch.zeros(1, 4, args.latent, args.latent)}
-        node.sample(model, 0, steps, 7.0, "euler", "normal", positive, negative, latent, 1.0, vae, subject, style,
-                    clip, m, 1.0, 1.0, 1.0, mode, 0.0, 1.0, 1, dino, decoder, decode_size)
+        node.sample(model, 0, steps, 7.0, "euler", "normal", positive, negative, latent, 1.0, vae=vae,
+                    subject_reference=subject, style_reference=style, clip_encoder=clip, guidance_scale=m,
+                    clip_subject_weight=1.0, clip_style_weight=1.0, dino_style_weight=1.0, gradient_mode=mode,
+                    guidance_start=0.0, guidance_end=1.0, guide_every=1, dino_encoder=dino, guidance_decoder=decoder,
+                    guidance_decode_size=decode_size)
 
     for _, *settings in variants:  # warm-up: loading, decoder copies, first-call allocations
         run(1, *settings)

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import logging
 
-from ..plora_core.guidance import SAMPLER_UNITS
 from . import host
-from .model_kind import check_image_latent
 from .guidance import install_guidance
-from .guidance_model_node import guidance_inputs, guidance_settings
+from .guidance_widgets import GuidanceWidgets, guidance_inputs
+from .model_kind import check_image_latent
 
 logger = logging.getLogger("plora")
 
@@ -37,18 +36,13 @@ class PosteriorMetricGuidanceSampler:
     )
 
     def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
-               vae, subject_reference, style_reference, clip_encoder, guidance_scale, clip_subject_weight,
-               clip_style_weight, dino_style_weight, gradient_mode, guidance_start, guidance_end, guide_every,
-               dino_encoder=None, guidance_decoder=None, guidance_decode_size=0, guidance_units=SAMPLER_UNITS):
-        if guidance_scale == 0:
+               **widgets):
+        guidance = GuidanceWidgets(**widgets)
+        if guidance.guidance_scale == 0:
             return (host.run_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                       latent_image, denoise), "guidance_scale is 0: plain sampling")
         check_image_latent(model, latent_image["samples"], "P-LoRA Metric Guidance Sampler")
-        settings = guidance_settings(model, vae, subject_reference, style_reference, clip_encoder, guidance_scale,
-                                     clip_subject_weight, clip_style_weight, dino_style_weight, gradient_mode,
-                                     guidance_start, guidance_end, guide_every, dino_encoder, guidance_decoder,
-                                     guidance_decode_size, guidance_units)
-        guided, hooks = install_guidance(model, settings, at_run_time=False)
+        guided, hooks = install_guidance(model, guidance.settings(model), at_run_time=False)
         sigmas = host.schedule_sigmas(model, steps, sampler_name, scheduler, denoise)
         with hooks.run(guided, sigmas, sampler_name, cfg) as run:
             latent = host.run_ksampler(guided, seed, steps, cfg, sampler_name, scheduler, positive, negative,

@@ -65,6 +65,15 @@ def check_inputs(node: str, specs: dict, arguments: dict) -> None:
             check_value(node, name, kind, low, high, arguments[name])
 
 
+def named_arguments(signature: inspect.Signature, bound: inspect.BoundArguments) -> dict:
+    """{input name: value}, with the inputs a `**widgets` parameter collected taken out of it."""
+    arguments = dict(bound.arguments)
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(name, {}))
+    return arguments
+
+
 def add_input_checks(node_class, node_name: str | None = None) -> None:
     """Wrap node_class's FUNCTION (in place, once) so its numeric inputs are checked before it runs."""
     attribute = node_class.FUNCTION
@@ -83,7 +92,7 @@ def add_input_checks(node_class, node_name: str | None = None) -> None:
             bound = signature.bind(*args, **kwargs)
         except TypeError:
             return  # the original call raises its own TypeError
-        check_inputs(node, specs(), bound.arguments)
+        check_inputs(node, specs(), named_arguments(signature, bound))
 
     if inspect.iscoroutinefunction(function):
         @functools.wraps(function)

@@ -30,8 +30,8 @@ def run(pack, model, vae, encoders, references, m=10.0, mode="fast", sampler="eu
     settings.update(overrides)
     node = pack.nodes.PosteriorMetricGuidanceSampler()
     return node.sample(model, seed, STEPS, 4.0, sampler, "normal", sd15_conditioning(seed=1),
-                       sd15_conditioning(seed=2), latent, denoise, vae, subject, style, clip, m, dino_encoder=dino,
-                       **settings)
+                       sd15_conditioning(seed=2), latent, denoise, vae=vae, subject_reference=subject,
+                       style_reference=style, clip_encoder=clip, guidance_scale=m, dino_encoder=dino, **settings)
 
 
 def final_score(pack, vae, encoders, references, latent):
@@ -159,8 +159,10 @@ def test_missing_dino_encoder_is_explained(pack, encoders, references):
     node = pack.nodes.PosteriorMetricGuidanceSampler()
     with pytest.raises(ValueError, match="no DINO encoder is connected"):
         node.sample(model, 0, 2, 4.0, "euler", "normal", sd15_conditioning(), sd15_conditioning(seed=2),
-                    {"samples": torch.zeros(1, 4, 8, 8)}, 1.0, vae, *references, encoders[0], 10.0, 1.0, 1.0, 1.0,
-                    "fast", 0.0, 1.0, 1)
+                    {"samples": torch.zeros(1, 4, 8, 8)}, 1.0, vae=vae, subject_reference=references[0],
+                    style_reference=references[1], clip_encoder=encoders[0], guidance_scale=10.0,
+                    clip_subject_weight=1.0, clip_style_weight=1.0, dino_style_weight=1.0, gradient_mode="fast",
+                    guidance_start=0.0, guidance_end=1.0, guide_every=1)
 
 
 def test_vae_for_other_latents_is_refused(pack, encoders, references):
@@ -242,5 +244,5 @@ def test_guidance_decode_size_decodes_a_smaller_image(pack, encoders, references
     small, log = run(pack, model, vae, encoders, references, guidance_decode_size=16)
     assert len(log.splitlines()) == STEPS
     assert not torch.allclose(full["samples"], small["samples"])
-    assert pack.nodes.guidance_model_node.latent_side(vae, 16) == 2
-    assert pack.nodes.guidance_model_node.latent_side(vae, 0) is None
+    assert pack.nodes.guidance_widgets.latent_side(vae, 16) == 2
+    assert pack.nodes.guidance_widgets.latent_side(vae, 0) is None

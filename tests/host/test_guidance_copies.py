@@ -81,9 +81,11 @@ def guided_run(pack, vae, encoders):
     with torch.inference_mode():  # as ComfyUI runs nodes
         return pack.nodes.PosteriorMetricGuidanceSampler().sample(
             model, 3, STEPS, 4.0, "euler", "normal", sd15_conditioning(seed=1), sd15_conditioning(seed=2),
-            {"samples": torch.zeros(1, 4, 8, 8)}, 1.0, vae, torch.rand(1, 24, 24, 3, generator=generator),
-            torch.rand(1, 32, 32, 3, generator=generator), clip, 10.0, 1.0, 1.0, 1.0, "exact", 0.0, 1.0, 1,
-            dino_encoder=dino)
+            {"samples": torch.zeros(1, 4, 8, 8)}, 1.0, vae=vae,
+            subject_reference=torch.rand(1, 24, 24, 3, generator=generator),
+            style_reference=torch.rand(1, 32, 32, 3, generator=generator), clip_encoder=clip, guidance_scale=10.0,
+            clip_subject_weight=1.0, clip_style_weight=1.0, dino_style_weight=1.0, gradient_mode="exact",
+            guidance_start=0.0, guidance_end=1.0, guide_every=1, dino_encoder=dino)
 
 
 def test_vae_with_a_native_handle(pack, encoders):

@@ -31,8 +31,10 @@ def custom_sampling():
 
 def guided_model(pack, model, vae, encoders, references, m=10.0, mode="fast", start=0.0, end=1.0, every=1):
     clip, dino = encoders
-    return pack.nodes.PLoRAMetricGuidance().patch(model, vae, *references, clip, m, 1.0, 1.0, 1.0, mode, start, end,
-                                                  every, dino_encoder=dino)[0]
+    return pack.nodes.PLoRAMetricGuidance().patch(
+        model=model, vae=vae, subject_reference=references[0], style_reference=references[1], clip_encoder=clip,
+        guidance_scale=m, clip_subject_weight=1.0, clip_style_weight=1.0, dino_style_weight=1.0, gradient_mode=mode,
+        guidance_start=start, guidance_end=end, guide_every=every, dino_encoder=dino)[0]
 
 
 def recording(model, calls: list):
@@ -109,7 +111,9 @@ def test_under_ksampler_it_equals_the_sampler_node(pack, encoders, references, s
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     node_latent, log = pack.nodes.PosteriorMetricGuidanceSampler().sample(
         model, 3, STEPS, CFG, sampler, "normal", sd15_conditioning(seed=1), sd15_conditioning(seed=2), latent, 1.0,
-        vae, *references, clip, 10.0, 1.0, 1.0, 1.0, "fast", 0.0, 1.0, 1, dino_encoder=dino)
+        vae=vae, subject_reference=references[0], style_reference=references[1], clip_encoder=clip,
+        guidance_scale=10.0, clip_subject_weight=1.0, clip_style_weight=1.0, dino_style_weight=1.0,
+        gradient_mode="fast", guidance_start=0.0, guidance_end=1.0, guide_every=1, dino_encoder=dino)
     guided = guided_model(pack, model, vae, encoders, references)
     with caplog.at_level(logging.INFO, logger="plora"):
         model_latent = pack.nodes.host.run_ksampler(guided, 3, STEPS, CFG, sampler, "normal",
