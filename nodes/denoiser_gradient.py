@@ -57,7 +57,7 @@ def options_before(model_options: dict, hook) -> dict:
     """model_options whose post-CFG list stops before `hook` (the functions the sampler ran before it);
     later ones (a CFG++ sampler's capture function) and the hook itself are left out."""
     post = list(model_options.get("sampler_post_cfg_function", []))
-    cut = next((i for i, fn in enumerate(post) if fn is hook), len(post))
+    cut = next((i for i, fn in enumerate(post) if fn == hook), len(post))  # ==: the same bound method
     return {**model_options, "sampler_post_cfg_function": post[:cut]}
 
 

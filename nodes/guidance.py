@@ -1,8 +1,7 @@
 """Installing the guidance of `plora_core/guidance.py` into ComfyUI's sampling (paper Eq. 16-20).
 
-`install_guidance` patches a clone of the MODEL with hooks built together by one factory
-(`guidance_hooks`) over one small state object, as ComfyUI's `nodes_sag.py` builds its hooks
-inside `patch()`:
+`install_guidance` patches a clone of the MODEL with the methods of one `GuidanceHooks`, which
+share one small state object (the run in progress):
 
 - a `sampler_post_cfg_function`: on the model call that starts a guided step, after CFG
   combined the predictions, it decodes x0_hat, scores it with CLIP and DINO against the
@@ -25,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -215,50 +213,58 @@ NO_RUN = ("The P-LoRA guided MODEL was called outside a sampling run it knows: t
           "SamplerCustomAdvanced, or use P-LoRA Metric Guidance Sampler.")
 
 
-@dataclass(frozen=True)
 class GuidanceHooks:
-    """The guided MODEL's hooks over one HookState (see `guidance_hooks`)."""
+    """The guided MODEL's hooks: methods over one HookState, for one GuidanceSettings.
 
-    state: HookState
-    post_cfg: Callable
-    model_call: Callable | None  # exact mode: makes a model_function_wrapper from the previous one
-    outer_sample: Callable
-    run: Callable  # context manager: an explicitly configured run (no sampler wrappers needed)
+    `post_cfg` is the sampler_post_cfg_function; `model_call(previous)` (exact mode) makes the
+    model_function_wrapper; `outer_sample` is the OUTER_SAMPLE wrapper that sets up each run;
+    `run(...)` sets up a run explicitly (PosteriorMetricGuidanceSampler).
+    """
 
+    def __init__(self, settings: GuidanceSettings):
+        self.settings = settings
+        self.state = HookState()
+        self.exact = settings.mode == EXACT
 
-def guidance_hooks(settings: GuidanceSettings) -> GuidanceHooks:
-    """The post-CFG hook, exact mode's model-call wrapper and the per-run setup, over one state."""
-    state = HookState()
-    exact = settings.mode == EXACT
+    def __deepcopy__(self, memo):
+        # ComfyUI deep-copies model_options (and with them these bound methods) for some runs: every copy
+        # must share this one state, as closures over it would
+        return self
+
+    def __copy__(self):
+        return self
 
     @contextlib.contextmanager
-    def active(run: GuidanceRun):
-        previous, state.run = state.run, run
+    def active(self, run: GuidanceRun):
+        previous, self.state.run = self.state.run, run
         try:
             yield run
         finally:
-            state.run = previous
+            self.state.run = previous
 
     @contextlib.contextmanager
-    def run(model, sigmas, name: str, cfg: float, eta: float = 1.0):
-        with active(start_run(settings, model, sigmas, name, cfg, eta)) as current:
+    def run(self, model, sigmas, name: str, cfg: float, eta: float = 1.0):
+        """An explicitly configured run of `model` over `sigmas` with KSampler's sampler `name`."""
+        with self.active(start_run(self.settings, model, sigmas, name, cfg, eta)) as current:
             yield current
 
-    def outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+    def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         """WrappersMP.OUTER_SAMPLE: one run per sampler call; the guider is executor.class_obj."""
         guider = executor.class_obj
         check_image_latent(guider.model_patcher, noise, "P-LoRA Metric Guidance")
         name = sampler_name(sampler)
         eta = (getattr(sampler, "extra_options", None) or {}).get("eta", 1.0)
-        current = start_run(settings, guider.model_patcher, sigmas, name, float(getattr(guider, "cfg", 1.0)),
+        current = start_run(self.settings, guider.model_patcher, sigmas, name, float(getattr(guider, "cfg", 1.0)),
                             float(eta) if isinstance(eta, (int, float)) else 1.0)
-        with active(current):
+        with self.active(current):
             out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         log_run(current)
         return out
 
-    def model_call(previous):
+    def model_call(self, previous):
         """A model_function_wrapper that runs guided steps' calls with autograd (chains `previous`)."""
+        state = self.state
+
         def plora_differentiable_call(apply_model, args):
             current = state.run
             if current is None or current.busy or not state.reuse_forward or \
@@ -273,9 +279,9 @@ def guidance_hooks(settings: GuidanceSettings) -> GuidanceHooks:
             return out.detach()
         return plora_differentiable_call
 
-    def post_cfg(args) -> torch.Tensor:
+    def post_cfg(self, args) -> torch.Tensor:
         """sampler_post_cfg_function: D -> D + correction for -m * c * grad R(decode(x0_hat))."""
-        current = state.run
+        current = self.state.run
         if current is None:
             raise RuntimeError(NO_RUN)
         denoised = args["denoised"]
@@ -285,31 +291,31 @@ def guidance_hooks(settings: GuidanceSettings) -> GuidanceHooks:
         kept, current.kept = current.kept, []
         if step is None:
             return denoised
-
-        def score_of(x0):
-            return score(settings, current, x0, args["model"])
-
         with torch.inference_mode(False), torch.enable_grad():
-            result = None
-            if exact:
-                current.busy = True
-                try:
-                    result = exact_gradient(state, args, options_before(args["model_options"], post_cfg),
-                                            current.cfg, kept, score_of)
-                finally:
-                    current.busy = False
-                if result is None:
-                    if not current.record.fast_fallbacks:
-                        logger.warning("P-LoRA exact guidance: the sampler's prediction at step %d could not be "
-                                       "rebuilt with autograd (a stochastic or unsupported CFG function?); using the "
-                                       "fast gradient there (warned once per run).", step)
-                    current.record.fast_fallbacks += 1
+            result = self._exact_gradient(current, args, kept, step) if self.exact else None
             if result is None:
-                result = fast_gradient(settings, current, denoised, sigma, args["model"])
+                result = fast_gradient(self.settings, current, denoised, sigma, args["model"])
         grad, residual, terms = result
-        return corrected(settings, current, step, sigma, denoised, grad, residual, terms)
+        return corrected(self.settings, current, step, sigma, denoised, grad, residual, terms)
 
-    return GuidanceHooks(state, post_cfg, model_call if exact else None, outer_sample, run)
+    def _exact_gradient(self, current: GuidanceRun, args, kept, step: int):
+        """grad_x R through the denoiser (Eq. 20 as written), or None (recorded, warned once) to use fast mode."""
+        def score_of(x0):
+            return score(self.settings, current, x0, args["model"])
+
+        current.busy = True
+        try:
+            result = exact_gradient(self.state, args, options_before(args["model_options"], self.post_cfg),
+                                    current.cfg, kept, score_of)
+        finally:
+            current.busy = False
+        if result is None:
+            if not current.record.fast_fallbacks:
+                logger.warning("P-LoRA exact guidance: the sampler's prediction at step %d could not be rebuilt "
+                               "with autograd (a stochastic or unsupported CFG function?); using the fast gradient "
+                               "there (warned once per run).", step)
+            current.record.fast_fallbacks += 1
+        return result
 
 
 def corrected(settings, run: GuidanceRun, step: int, sigma: float, denoised, grad, residual, terms) -> torch.Tensor:
@@ -340,11 +346,11 @@ def install_guidance(model, settings: GuidanceSettings, *, at_run_time: bool = T
     at_run_time: each sampling run is set up by an OUTER_SAMPLE wrapper (any sampler node). False:
     the caller configures every run with `hooks.run(...)` (PosteriorMetricGuidanceSampler).
     """
-    hooks = guidance_hooks(settings)
+    hooks = GuidanceHooks(settings)
     guided = model.clone()
     if at_run_time:
         host.add_outer_sample_wrapper(guided, WRAPPER_KEY, hooks.outer_sample)
-    if hooks.model_call is not None:
+    if hooks.exact:
         enable_denoiser_backward(guided)
         guided.set_model_unet_function_wrapper(hooks.model_call(guided.model_options.get("model_function_wrapper")))
     guided.set_model_sampler_post_cfg_function(hooks.post_cfg)

@@ -224,14 +224,12 @@ def test_exact_mode_reusing_the_samplers_forward_equals_recomputing_it(pack, enc
     # at most the first step recomputes (a host whose blocks add in place fails once, then copies)
     assert len(recomputed) <= 1 and len(log_reused.splitlines()) == STEPS
 
-    original_hooks = guidance.guidance_hooks
+    class WithoutReuse(guidance.GuidanceHooks):
+        def __init__(self, settings):
+            super().__init__(settings)
+            self.state.reuse_forward = False
 
-    def without_reuse(*args, **kwargs):
-        hooks = original_hooks(*args, **kwargs)
-        hooks.state.reuse_forward = False
-        return hooks
-
-    monkeypatch.setattr(guidance, "guidance_hooks", without_reuse)
+    monkeypatch.setattr(guidance, "GuidanceHooks", WithoutReuse)
     recomputed.clear()
     again, _ = run(pack, model, vae, encoders, references, mode="exact")
     assert len(recomputed) >= STEPS
