@@ -45,11 +45,15 @@ def test_the_pack_installs_nothing_at_import_time():
 
 def test_the_frontend_extension_uses_only_the_public_frontend_api():
     """window.comfyAPI instead of imports of the frontend's script files (deprecated paths that print
-    warnings or break when moved), the settings API instead of app.ui.settings, no private graph fields."""
+    warnings or break when moved; the pack's own files in web/js may be imported by relative path, as
+    plora_chain.js is), the settings API instead of app.ui.settings, no private graph fields."""
     for script in (ROOT / "web").rglob("*.js"):
         text = script.read_text()
         code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("//"))
-        assert not re.search(r"^\s*import\b|\bimport\s*\(", code, re.M), f"{script.name}: use window.comfyAPI"
+        own = [m.group(1) for m in re.finditer(r'^\s*import\s*\{[^}]*\}\s*from\s*"\./([\w.-]+\.js)";', code, re.M)]
+        assert all((script.parent / name).is_file() for name in own), f"{script.name}: imports {own}"
+        others = re.sub(r'^\s*import\s*\{[^}]*\}\s*from\s*"\./[\w.-]+\.js";', "", code, flags=re.M)
+        assert not re.search(r"^\s*import\b|\bimport\s*\(", others, re.M), f"{script.name}: use window.comfyAPI"
         assert "scripts/app.js" not in code and "scripts/api.js" not in code, script.name
         assert "app.ui.settings" not in code and "getSettingValue" not in code and "addSetting" not in code, script.name
         assert not re.search(r"\.(_nodes|_links|_groups)\b", code), f"{script.name}: graph.nodes, node.getInputNode"

@@ -4,6 +4,8 @@
 // The frontend's objects come from window.comfyAPI (no imports of its script paths), the setting
 // through app.extensionManager.setting, the graph through its public members (graph.nodes,
 // node.getInputNode).
+import { chain } from "./plora_chain.js";
+
 const { app } = window.comfyAPI.app;
 const { api } = window.comfyAPI.api;
 
@@ -110,15 +112,6 @@ async function refresh(node) {
     ),
   );
   box.dataset.warnings = String(warnings.length);
-}
-
-function chain(object, method, extra) {
-  const original = object[method];
-  object[method] = function (...args) {
-    const result = original?.apply(this, args);
-    extra.apply(this, args);
-    return result;
-  };
 }
 
 app.registerExtension({

@@ -1,6 +1,8 @@
 // P-LoRA frontend extension: shows the table of P-LoRA Score (its "text" output) on the node.
 // The frontend draws a node's "text" output only for its own Preview Any node, so the score
 // node gets a read-only text box, filled after each run and not saved with the workflow.
+import { chain } from "./plora_chain.js";
+
 const { app } = window.comfyAPI.app;
 const ComfyWidgets = window.comfyAPI.widgets?.ComfyWidgets;
 
@@ -41,17 +43,11 @@ app.registerExtension({
   name: "PLoRA.Score",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name !== NODE_TYPE) return;
-    const onNodeCreated = nodeType.prototype.onNodeCreated;
-    nodeType.prototype.onNodeCreated = function () {
-      const result = onNodeCreated?.apply(this, arguments);
+    chain(nodeType.prototype, "onNodeCreated", function () {
       addScoresWidget(this);
-      return result;
-    };
-    const onExecuted = nodeType.prototype.onExecuted;
-    nodeType.prototype.onExecuted = function (output) {
-      const result = onExecuted?.apply(this, arguments);
+    });
+    chain(nodeType.prototype, "onExecuted", function (output) {
       showScores(this, output);
-      return result;
-    };
+    });
   },
 });
