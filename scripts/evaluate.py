@@ -4,7 +4,7 @@
         --out eval_results
 
 `pairs.json` names the checkpoint, the encoders and the subject/style LoRA pairs with their
-prompts (see README, "Evaluation"). For every pair and seed the script renders the two
+prompts (see docs/evaluation.md). For every pair and seed the script renders the two
 references (each LoRA alone with its own prompt, Eq. 14-15) and one image per method, scores
 every image with the P-LoRA Score node (Style Sim, CLIP Score, DINO Score) and writes, in --out:
 
@@ -183,7 +183,7 @@ def load_spec(path: Path, seeds=None, methods=None, sheet_size: int = 256) -> Sp
     except (OSError, ValueError) as error:
         raise SpecError(f"{path}: cannot read it as JSON ({error}).") from None
     if not isinstance(data, dict) or not isinstance(data.get("pairs"), list) or not data["pairs"]:
-        raise SpecError(f"{path}: expected an object with a non-empty 'pairs' list (see README, 'Evaluation').")
+        raise SpecError(f"{path}: expected an object with a non-empty 'pairs' list (see docs/evaluation.md).")
     where = str(path)
     defaults = {"sampler": {**SAMPLER_DEFAULTS, **_table(data, "sampler", where)},
                 "patcher": _table(data, "patcher", where), "guidance": _table(data, "guidance", where)}

@@ -119,7 +119,7 @@ def test_evaluation_on_a_real_server(server, object_info, oracle_models, tmp_pat
     assert list(table) == methods and all(table[m]["images"] == "2" for m in methods)
     markdown = (out / "table1.md").read_text()
     assert "| P-LoRA (PFK + PMK) |" in markdown and "tiny_sd15.safetensors, 64x64, 2 steps" in markdown
-    if os.environ.get("PLORA_EVAL_TABLE"):  # the README's tiny-model table comes from here
+    if os.environ.get("PLORA_EVAL_TABLE"):  # docs/evaluation.md's tiny-model table comes from here
         Path(os.environ["PLORA_EVAL_TABLE"]).write_text(markdown)
 
     from PIL import Image
