@@ -52,9 +52,9 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 
 
 def use_comfyui_checkout() -> None:
-    """With COMFYUI_PATH set, measure against that ComfyUI instead of an installed 2024 core."""
+    """Measure against the ComfyUI checkout of COMFYUI_PATH (or the one the pack is installed in)."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from comfyui_checkout import bind_checkout_packages, find_checkout
+    from support.comfyui_checkout import bind_checkout_packages, find_checkout
 
     checkout = find_checkout()
     if checkout:

@@ -18,7 +18,7 @@ if str(TESTS) not in sys.path:
 # a second copy of the pack's core next to plora_pack.plora_core.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 
-from comfyui_checkout import bind_checkout_packages, find_checkout  # noqa: E402
+from support.comfyui_checkout import bind_checkout_packages, find_checkout  # noqa: E402
 
 # A full ComfyUI checkout (COMFYUI_PATH, or the pack installed in ComfyUI/custom_nodes) provides `comfy`.
 COMFYUI = find_checkout()
@@ -30,7 +30,7 @@ if COMFYUI:
 
     comfy.cli_args.args.cpu = True
 
-from pack_loader import load_pack  # noqa: E402
+from support.pack_loader import load_pack  # noqa: E402
 
 load_pack()
 

@@ -1,7 +1,7 @@
 """The module caches: bounded in bytes (not entries), emptied on request, encoders moved off the device."""
 
 import pytest
-import tiny_encoders
+from support import tiny_encoders
 import torch
 from safetensors.torch import save_file
 

@@ -5,7 +5,7 @@ import os
 import shutil
 
 import pytest
-import tiny_encoders
+from support import tiny_encoders
 import torch
 import torch.nn.functional as F
 

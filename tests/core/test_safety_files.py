@@ -8,7 +8,7 @@ import threading
 import zipfile
 
 import pytest
-import tiny_encoders
+from support import tiny_encoders
 import torch
 from safetensors.torch import save_file
 

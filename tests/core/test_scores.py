@@ -1,7 +1,7 @@
 """The PMK score R of Eq. 16-19 against a hand computation, with tiny random CLIP and DINO encoders."""
 
 import pytest
-import tiny_encoders
+from support import tiny_encoders
 import torch
 import torch.nn.functional as F
 

@@ -1,7 +1,7 @@
 """Host tier: needs a ComfyUI checkout (v0.3.64 or newer): COMFYUI_PATH, or the pack in ComfyUI/custom_nodes."""
 
 import pytest
-from comfyui_checkout import find_checkout
+from support.comfyui_checkout import find_checkout
 
 if find_checkout() is None:
     pytest.skip(
@@ -10,7 +10,7 @@ if find_checkout() is None:
         allow_module_level=True,
     )
 
-import host_support  # noqa: E402  (sets comfy to CPU before anything imports model_management)
+from support import host_support  # noqa: E402  (sets comfy to CPU before anything imports model_management)
 
 host_support.ensure_cpu()
 host_support.load_pack()  # importable as plora_pack from here on, as ComfyUI imports custom_nodes/<pack>
@@ -43,7 +43,7 @@ def _unload_models():
 @pytest.fixture(scope="session")
 def encoder_files(tmp_path_factory):
     """(CLIP checkpoint, DINO folder): tiny random encoders saved in their real formats."""
-    import tiny_encoders
+    from support import tiny_encoders
 
     folder = tmp_path_factory.mktemp("encoders")
     (folder / "clip").mkdir()
@@ -56,7 +56,7 @@ def encoder_files(tmp_path_factory):
 @pytest.fixture(scope="session")
 def encoders(encoder_files):
     """(CLIP, DINO): the tiny encoders loaded by the pack's loaders."""
-    import tiny_encoders
+    from support import tiny_encoders
     from plora_pack.plora_core.encoders import load_dino_encoder, load_open_clip_encoder
 
     clip_file, dino_folder = encoder_files

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 import torch
-from host_support import attention_paths, module_shapes, tiny_sd15, write_kohya_lora, write_peft_lora
+from support.host_support import attention_paths, module_shapes, tiny_sd15, write_kohya_lora, write_peft_lora
 from safetensors.torch import save_file
 
 

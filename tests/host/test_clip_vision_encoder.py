@@ -5,7 +5,7 @@ import json
 import comfy.clip_vision
 import pytest
 import torch
-from host_support import _randomise
+from support.host_support import _randomise
 
 TINY_VISION = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 32,
                "image_size": 32, "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 64,

@@ -1,7 +1,7 @@
 """A LoRA whose layers do not fit gets the family message when its file says which family it is for."""
 
 import pytest
-from host_support import attention_paths, module_shapes, tiny_sd15, write_kohya_lora
+from support.host_support import attention_paths, module_shapes, tiny_sd15, write_kohya_lora
 
 SDXL_METADATA = {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from host_support import flux_conditioning, tiny_flux
+from support.host_support import flux_conditioning, tiny_flux
 from safetensors.torch import save_file
 
 HIDDEN = 64

@@ -12,8 +12,8 @@ import comfy.supported_models
 import comfy.utils
 import pytest
 import torch
-from host_support import (SD15_TINY_UNET, _patcher, _randomise, attention_paths, kohya_key, module_shapes, sample,
-                          tiny_sd15)
+from support.host_support import (SD15_TINY_UNET, _patcher, _randomise, attention_paths, kohya_key, module_shapes,
+                                  sample, tiny_sd15)
 from safetensors.torch import load_file, save_file
 
 SUBJECT_RANK, STYLE_RANK = 4, 8
@@ -117,7 +117,7 @@ def test_k_lora_choices_equal_its_rule_written_out(pack, pair_files, monkeypatch
 
 
 def _cond(seed):
-    from host_support import sd15_conditioning
+    from support.host_support import sd15_conditioning
 
     return sd15_conditioning(seed=seed)
 

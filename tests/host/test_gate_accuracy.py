@@ -15,7 +15,7 @@ import comfy.model_patcher
 import comfy.supported_models
 import pytest
 import torch
-from host_support import SD15_TINY_UNET, attention_paths, kohya_key, sample
+from support.host_support import SD15_TINY_UNET, attention_paths, kohya_key, sample
 from safetensors.torch import save_file
 
 OUTPUT_STD = 70.0

@@ -10,7 +10,7 @@ import comfy.sd
 import comfy.utils
 import pytest
 import torch
-from host_support import kohya_key, module_shapes, sample, tiny_sd15
+from support.host_support import kohya_key, module_shapes, sample, tiny_sd15
 from safetensors.torch import save_file
 
 LINEAR = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"

@@ -11,7 +11,7 @@ import copy
 import comfy.model_management
 import pytest
 import torch
-from host_support import attention_paths, module_shapes, sample, tiny_sd15, write_kohya_lora, write_peft_lora
+from support.host_support import attention_paths, module_shapes, sample, tiny_sd15, write_kohya_lora, write_peft_lora
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ factors), and with a guidance window that starts late.
 
 import pytest
 import torch
-from host_support import (attention_paths, module_shapes, sample, sd15_conditioning, tiny_sd15, tiny_vae,
+from support.host_support import (attention_paths, module_shapes, sample, sd15_conditioning, tiny_sd15, tiny_vae,
                           write_kohya_lora)
 
 STEPS = 4

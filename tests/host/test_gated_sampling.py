@@ -5,7 +5,7 @@ import comfy.sd
 import comfy.utils
 import pytest
 import torch
-from host_support import (attention_paths, module_shapes, sample, tiny_sd15, write_kohya_lora,
+from support.host_support import (attention_paths, module_shapes, sample, tiny_sd15, write_kohya_lora,
                           write_peft_lora)
 
 STEPS = 4
@@ -82,7 +82,7 @@ def test_same_seed_gives_the_same_image_twice(setup, pack):
 def test_decisions_are_per_sample_in_a_multi_prompt_batch(setup, pack):
     model, pair, *_ = setup
     patched = pack.nodes.PLoRAModelPatcher().patch(model, pair, "kl", 1.0, 0.0, 1.0)[0]
-    from host_support import sd15_conditioning
+    from support.host_support import sd15_conditioning
 
     sample(patched, positive=sd15_conditioning(batch=2, seed=5), negative=sd15_conditioning(batch=2, seed=6),
            latent_shape=(2, 4, 8, 8))

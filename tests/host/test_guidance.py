@@ -6,8 +6,8 @@ import logging
 import comfy.sample
 import pytest
 import torch
-import tiny_encoders
-from host_support import sd15_conditioning, tiny_sd15, tiny_vae
+from support import tiny_encoders
+from support.host_support import sd15_conditioning, tiny_sd15, tiny_vae
 
 STEPS = 4
 

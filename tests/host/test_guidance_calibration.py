@@ -11,7 +11,7 @@ import comfy.sample
 import pytest
 import torch
 import torch.nn.functional as F
-from host_support import sd15_conditioning, tiny_sd15, tiny_vae
+from support.host_support import sd15_conditioning, tiny_sd15, tiny_vae
 
 STEPS = 20
 CFG = 4.0

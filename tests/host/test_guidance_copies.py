@@ -13,7 +13,7 @@ import json
 import comfy.clip_vision
 import pytest
 import torch
-from host_support import _randomise, sd15_conditioning, tiny_sd15, tiny_vae
+from support.host_support import _randomise, sd15_conditioning, tiny_sd15, tiny_vae
 from test_clip_vision_encoder import TINY_VISION
 
 STEPS = 3

@@ -12,7 +12,7 @@ import comfy.sample
 import comfy.samplers
 import pytest
 import torch
-from host_support import sd15_conditioning, tiny_sd15, tiny_vae
+from support.host_support import sd15_conditioning, tiny_sd15, tiny_vae
 from test_guidance_samplers import CFG, STEPS, flow_model, grad_x
 
 
@@ -200,7 +200,7 @@ def test_the_received_model_is_not_modified(pack, encoders, references):
 
 def test_flux_with_a_basic_guider_on_flux_guidance_conditioning(pack, encoders, references, caplog):
     """How Flux users sample: SamplerCustomAdvanced, BasicGuider (cfg 1) on FluxGuidance conditioning."""
-    from host_support import flux_conditioning, tiny_flux
+    from support.host_support import flux_conditioning, tiny_flux
 
     custom = custom_sampling()
     model, vae = tiny_flux(), tiny_vae(latent_channels=16)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from host_support import sd15_conditioning, tiny_sd15, tiny_vae
+from support.host_support import sd15_conditioning, tiny_sd15, tiny_vae
 
 
 def sampler_node(pack, encoders, latent, **widgets):

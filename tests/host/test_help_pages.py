@@ -2,7 +2,7 @@
 
 import pytest
 
-import help_pages
+from support import help_pages
 
 
 @pytest.mark.parametrize("name", sorted(help_pages.DOCS.glob("*.md")), ids=lambda p: p.stem)
@@ -11,7 +11,7 @@ def test_help_page_lists_exactly_the_declared_inputs(pack, name):
     expected = help_pages.input_section(node_class)
     assert help_pages.current_section(name.read_text()) == expected, (
         f"{name.name}: its input list differs from {name.stem}.INPUT_TYPES; rewrite it with "
-        "`COMFYUI_PATH=... python tests/help_pages.py`")
+        "`COMFYUI_PATH=... python tests/support/help_pages.py`")
 
 
 def test_every_node_has_a_help_page(pack):

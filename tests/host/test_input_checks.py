@@ -107,6 +107,6 @@ def test_optional_inputs_left_out_are_not_checked(pack):
 
 
 def tiny_model():
-    from host_support import tiny_sd15
+    from support.host_support import tiny_sd15
 
     return tiny_sd15()

@@ -19,7 +19,7 @@ import torch
 import comfy.sd
 import comfy.utils
 
-import family_models as fm
+import support.family_models as fm
 
 _MISSING = fm.missing_family_classes()
 if _MISSING:
@@ -27,7 +27,7 @@ if _MISSING:
                 "run with COMFYUI_PATH=<a ComfyUI v0.3.64+ checkout>",
                 allow_module_level=True)
 
-from host_support import ROOT, tiny_flux  # noqa: E402
+from support.host_support import ROOT, tiny_flux  # noqa: E402
 
 
 @dataclass

@@ -8,8 +8,8 @@ the same model with plain weights holding exactly the dequantized values.
 
 import pytest
 import torch
-from host_support import module_shapes, sample, tiny_sd15
-from quantized_standin import QuantizedStandIn, dequantize_layers, quantize_layers
+from support.host_support import module_shapes, sample, tiny_sd15
+from support.quantized_standin import QuantizedStandIn, dequantize_layers, quantize_layers
 from test_gate_oracle import CONV, LINEAR, write_adapter
 
 KINDS = ["loha", "lokr", "dora", "full_diff"]

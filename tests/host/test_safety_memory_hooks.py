@@ -3,8 +3,8 @@
 
 import comfy.model_management as mm
 import pytest
-import tiny_encoders
-from host_support import attention_paths, module_shapes, tiny_sd15, write_kohya_lora
+from support import tiny_encoders
+from support.host_support import attention_paths, module_shapes, tiny_sd15, write_kohya_lora
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ past the batch, metadata routes that name files by their model-folder name."""
 
 import pytest
 import torch
-from host_support import attention_paths, module_shapes, sample, tiny_sd15, write_kohya_lora
+from support.host_support import attention_paths, module_shapes, sample, tiny_sd15, write_kohya_lora
 from safetensors.torch import save_file
 
 STEPS = 3

@@ -7,9 +7,9 @@ import threading
 from pathlib import Path
 
 import pytest
-import tiny_encoders
+from support import tiny_encoders
 import torch
-from host_support import attention_paths, load_pack, module_shapes, tiny_sd15, write_kohya_lora
+from support.host_support import attention_paths, load_pack, module_shapes, tiny_sd15, write_kohya_lora
 
 
 @pytest.fixture(scope="module")

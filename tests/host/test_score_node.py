@@ -3,7 +3,7 @@
 import math
 
 import pytest
-import tiny_encoders
+from support import tiny_encoders
 import torch
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's default for an architecture without a tag

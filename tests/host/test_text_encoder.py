@@ -5,7 +5,7 @@ import comfy.sd
 import comfy.supported_models
 import pytest
 import torch
-from host_support import SD15_TINY_UNET, attention_paths, module_shapes, tiny_sd15, write_kohya_lora
+from support.host_support import SD15_TINY_UNET, attention_paths, module_shapes, tiny_sd15, write_kohya_lora
 from safetensors.torch import load_file, save_file
 
 

@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from comfyui_checkout import find_checkout
+from support.comfyui_checkout import find_checkout
 
 HERE = Path(__file__).resolve().parent
 CHECKOUT = find_checkout()
@@ -14,7 +14,7 @@ if CHECKOUT is None or not (Path(CHECKOUT) / "main.py").is_file():
                    "ComfyUI/custom_nodes) to run the server and browser tiers.")
 
 sys.path.insert(0, str(HERE))
-import server_support  # noqa: E402
+from support import server_support  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

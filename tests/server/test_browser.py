@@ -20,8 +20,8 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
-import server_support
-from comfyui_checkout import find_checkout
+from support import server_support
+from support.comfyui_checkout import find_checkout
 from test_server import PLACEHOLDERS, WORKFLOWS
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import server_support
-import tiny_encoders
+from support import server_support
+from support import tiny_encoders
 import torch
 import torch.nn.functional as F
 

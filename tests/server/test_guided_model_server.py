@@ -8,7 +8,7 @@ samples bit for bit like the plain one.
 
 import numpy as np
 import pytest
-import server_support
+from support import server_support
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -41,7 +41,7 @@ def reference_files(base_directory):
 @pytest.fixture(scope="module")
 def encoders(base_directory):
     """The server's tiny CLIP and DINO, loaded here from the same files."""
-    import tiny_encoders
+    from support import tiny_encoders
     from plora_pack.plora_core.encoders import load_dino_encoder, load_open_clip_encoder
 
     models = base_directory / "models"

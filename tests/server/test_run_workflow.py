@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import server_support
+from support import server_support
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "run_workflow.py"

@@ -14,8 +14,8 @@ import urllib.parse
 import urllib.request
 
 import pytest
-import server_support
-from server_support import ANY_VALUE_NODE, SINK_NODE
+from support import server_support
+from support.server_support import ANY_VALUE_NODE, SINK_NODE
 from test_server import shipped, small_api_prompt
 
 ANY = "9001"

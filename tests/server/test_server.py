@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import server_support
-from comfyui_checkout import find_checkout
+from support import server_support
+from support.comfyui_checkout import find_checkout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from workflow_api import check_links, ui_to_api  # noqa: E402

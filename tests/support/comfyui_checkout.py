@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # ComfyUI's top-level folders that have no __init__.py (namespace packages): a regular package of the
 # same name anywhere on sys.path (`utils`, `app`, `models`, or an old `comfy` wheel) would win over them.
 PACKAGES = ("comfy", "comfy_execution", "comfy_extras", "comfy_api", "comfy_api_nodes", "comfy_config", "app",

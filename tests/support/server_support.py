@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-TESTS = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parents[2] / "tests"
 ROOT = TESTS.parent
 PACK_FOLDER = "plora"
 CHECKPOINT = "tiny_sd15.safetensors"
@@ -97,7 +97,7 @@ def write_loras(folder: Path) -> None:
 
 
 def write_encoders(models: Path) -> None:
-    import tiny_encoders
+    from support import tiny_encoders
 
     clip_folder = models / "open_clip"
     clip_folder.mkdir(parents=True, exist_ok=True)
@@ -190,8 +190,9 @@ def free_port() -> int:
 
 
 def launcher_command(checkout: str, base: Path, *args: str) -> list[str]:
-    return [sys.executable, str(TESTS / "comfyui_launcher.py"), checkout, "--cpu", "--base-directory", str(base),
-            "--disable-auto-launch", *args]
+    launcher = TESTS / "support" / "comfyui_launcher.py"
+    return [sys.executable, str(launcher), checkout, "--cpu", "--base-directory", str(base), "--disable-auto-launch",
+            *args]
 
 
 class Server:

@@ -4,7 +4,7 @@ import os
 import runpy
 import sys
 
-from comfyui_checkout import bind_checkout_packages
+from comfyui_checkout import bind_checkout_packages  # run as a script: its own folder is on sys.path
 
 if __name__ == "__main__":
     checkout = os.path.abspath(sys.argv[1])

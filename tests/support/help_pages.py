@@ -5,7 +5,7 @@ between the markers below, is written from the node's INPUT_TYPES (name, type, d
 tooltip) and checked against it by tests/host/test_help_pages.py. Edit a tooltip, then rewrite the
 pages with
 
-    COMFYUI_PATH=/path/to/ComfyUI python tests/help_pages.py
+    COMFYUI_PATH=/path/to/ComfyUI python tests/support/help_pages.py
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "web" / "docs"
-BEGIN = "<!-- inputs: generated from INPUT_TYPES by tests/help_pages.py; edit the tooltips, not this list -->"
+BEGIN = "<!-- inputs: generated from INPUT_TYPES by tests/support/help_pages.py; edit the tooltips, not this list -->"
 END = "<!-- end of generated inputs -->"
 
 
@@ -82,7 +82,7 @@ def write_pages(node_classes: dict) -> list[Path]:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT / "tests"))
-    from comfyui_checkout import bind_checkout_packages, find_checkout
+    from support.comfyui_checkout import bind_checkout_packages, find_checkout
 
     checkout = find_checkout()
     if checkout is None:
@@ -91,7 +91,7 @@ if __name__ == "__main__":
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
-    from pack_loader import load_pack
+    from support.pack_loader import load_pack
 
     for path in write_pages(load_pack().nodes.NODE_CLASS_MAPPINGS):
         sys.stderr.write(f"wrote {path.relative_to(ROOT)}\n")

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from pack_loader import PACK_NAME, ROOT, load_pack  # noqa: F401  (re-exported for the host tests)
+from support.pack_loader import PACK_NAME, ROOT, load_pack  # noqa: F401  (re-exported for the host tests)
 
 
 def ensure_cpu() -> None:

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 import torch
-from host_support import _patcher, _randomise
+from support.host_support import _patcher, _randomise
 from safetensors.torch import save_file
 
 FAMILY_CLASSES = {
