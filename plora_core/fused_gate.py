@@ -56,11 +56,22 @@ def _kernels():
     return fused_gate_kernels
 
 
+@functools.lru_cache(maxsize=None)
+def interpreting() -> bool:
+    """Whether Triton was imported in interpreter mode (TRITON_INTERPRET=1 set before its import)."""
+    try:
+        import triton.language
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return False
+    return not isinstance(triton.language.standard.sum, JITFunction)
+
+
 def fused_available(tensor: torch.Tensor) -> bool:
     """Whether the kernels can run on `tensor`'s device: CUDA (incl. ROCm) with Triton, or FORCE'd on the CPU."""
     if DISABLED:
         return False
-    on_device = tensor.is_cuda or (FORCE and tensor.is_cpu and os.environ.get("TRITON_INTERPRET") == "1")
+    on_device = tensor.is_cuda or (FORCE and tensor.is_cpu and interpreting())
     return on_device and _kernels() is not None
 
 

@@ -33,8 +33,9 @@ def _log1p(x):
 
 
 @triton.jit
-def parts_kernel(F, D, P, R, C, sf, sdk, sdr, N: tl.constexpr, CRIT: tl.constexpr, K: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_C: tl.constexpr, EXP_LIMIT: tl.constexpr):
+def parts_kernel(F, D, P, R, C, sf, sdk, sdr, N: tl.constexpr, CRIT: tl.constexpr, K: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, EXP_LIMIT: tl.constexpr):
+    """Per-token parts of criterion CRIT for N deltas over a block of BLOCK_R rows (see `fused_gate`)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R

@@ -6,13 +6,16 @@ imported). The eager path is the reference.
 """
 
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-_TRITON_ALREADY_COMPILING = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-os.environ["TRITON_INTERPRET"] = "1"
+# A ComfyUI checkout imports Triton before this file: the fused run then goes to a fresh pytest
+# process with TRITON_INTERPRET=1 set from its start (Triton reads it when it is imported).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from host_support import (attention_paths, module_shapes, sample, sd15_conditioning, tiny_sd15,  # noqa: E402
                           write_kohya_lora, write_peft_lora)
@@ -47,9 +50,15 @@ def test_fused_path_gives_the_eager_image(pair_and_model, pack, monkeypatch, cri
     fused divergences are each within 1e-4 relative of float64 in tests/core/test_fused_gate.py).
     """
     pytest.importorskip("triton")
-    if _TRITON_ALREADY_COMPILING:
-        pytest.skip("Triton was imported before TRITON_INTERPRET=1 was set; run this file on its own")
     fused_gate = pack.plora_core.fused_gate
+    if not fused_gate.interpreting():
+        root = Path(__file__).resolve().parents[2]
+        result = subprocess.run([sys.executable, "-m", "pytest", f"{__file__}::test_fused_path_gives_the_eager_image"
+                                 f"[{criterion}]", "-q", "-x"], cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"),
+                                capture_output=True, text=True, timeout=1800)
+        ran = result.returncode == 0 and "1 passed" in result.stdout and "skipped" not in result.stdout
+        assert ran, result.stdout[-4000:] + result.stderr[-2000:]
+        return
     model, pair, attention = pair_and_model
     eager_image, eager_decisions = _run(pack, model, pair, criterion)
 
