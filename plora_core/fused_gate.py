@@ -95,8 +95,7 @@ def supports(base: torch.Tensor, deltas: torch.Tensor, channel_dim: int, criteri
     return (criterion in CRITERIA and channel_dim % base.ndim == base.ndim - 1 and base.ndim >= 2
             and deltas.shape[1:] == base.shape and 1 <= deltas.shape[0] <= MAX_DELTAS
             and base.dtype in (torch.float16, torch.bfloat16, torch.float32) and deltas.dtype == base.dtype
-            and _row_stride(base) is not None and _row_stride(deltas[0]) is not None
-            and base.numel() > 0 and base.shape[0] * 1 > 0)
+            and _row_stride(base) is not None and _row_stride(deltas[0]) is not None and base.numel() > 0)
 
 
 def _blocks(channels: int) -> tuple[int, int]:
