@@ -169,7 +169,8 @@ class InstalledGate:
         self.original = self.layer_gate._gate
         replacement = self.replacement
         if replacement is not None:
-            def _gate(gate, name, base, subject_delta, style_delta):
+            def _gate(gate, name, base, deltas):
+                subject_delta, style_delta = deltas[0], deltas[1]
                 return replacement(base, subject_delta, style_delta, gate.rule.criterion, gate.rule.style_bias,
                                    gate.channel_dim)
             self.layer_gate._gate = _gate

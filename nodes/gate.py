@@ -238,7 +238,7 @@ def build_gated_model(model, pair: SubjectStyleLoras, criterion: str = "kl", sty
                       for path, (subject, style, row_slices) in layers.items()
                       for name, rows in _gate_names(path, row_slices)}
             rule = KLoraSelection(KLoraRule(scores, k_lora_preset, layer_order=list(scores)), state, sampling)
-        gates = {path: LayerGate(path, subject, style, state, rule, row_slices)
+        gates = {path: LayerGate(path, subject, style, state, rule, row_slices, static_input=fed_by_context(path))
                  for path, (subject, style, row_slices) in layers.items()}
     except ValueError as error:
         for choice in active:
@@ -263,6 +263,16 @@ def build_gated_model(model, pair: SubjectStyleLoras, criterion: str = "kl", sty
                 f" ({criterion})" if method == "p-lora" else "",
                 sum(len(kept[id(c)] - gated) for c in active))
     return patched
+
+
+CONTEXT_FED = (".attn2.to_k", ".attn2.to_v")  # SD/SDXL cross-attention k/v: their input is the text context
+
+
+def fed_by_context(path: str) -> bool:
+    """Whether a layer's input is the run's text context (the same at every step unless the conditioning
+    changes). Only a hint for the gate's cache: that keys on the input's value, so a wrong guess costs
+    a comparison, never a wrong output."""
+    return path.endswith(CONTEXT_FED)
 
 
 def _module_order(model):

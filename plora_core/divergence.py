@@ -30,9 +30,9 @@ import torch
 
 # (tuned [B, ...], base [B, ...], channel_dim) -> [B]: the divergence of materialised outputs
 Divergence = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
-# (base F, deltas (D_1, D_2, ...), channel_dim) -> (d(F + D_1, F), d(F + D_2, F), ...), each [B];
-# work that depends only on F (the softmax, |F|^2) is done once for all deltas
-ShiftDivergence = Callable[[torch.Tensor, Sequence[torch.Tensor], int], tuple[torch.Tensor, ...]]
+# (base F, deltas (D_1, D_2, ...), channel_dim[, finish_device=]) -> (d(F + D_1, F), d(F + D_2, F), ...),
+# each [B]; work that depends only on F (the softmax, |F|^2) is done once for all deltas
+ShiftDivergence = Callable[..., tuple[torch.Tensor, ...]]
 
 # KL from the first K <= SERIES_MAX_MOMENTS moments of v when that truncates at most SERIES_TOLERANCE
 # of the KL (max |v| up to about 2); otherwise from expm1(v) elementwise.
@@ -51,18 +51,21 @@ def _accelerated(tensor: torch.Tensor) -> bool:
     return not tensor.is_cpu
 
 
-# (base chunk, delta chunks, channel_dim) -> per delta, the chunk's per-token values: a float64 tensor
-# with a channel dim of size 1, or a [k, tokens] tensor of parts that `finish` turns into values
+# (base chunk, delta chunks, channel_dim) -> per delta, the chunk's per-token parts: a [k, tokens]
+# tensor (float32 off the CPU) that a float64 `finish` turns into values
 PerTokens = Callable[[torch.Tensor, Sequence[torch.Tensor], int], list[torch.Tensor]]
 
 
 def _over_tokens(per_tokens: PerTokens, base: torch.Tensor, deltas: Sequence[torch.Tensor], channel_dim: int,
-                 finish: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+                 finish: Callable[[torch.Tensor], torch.Tensor],
+                 finish_device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
     """Per-sample means (float32 [B]) of a per-token criterion, computed over groups of tokens.
 
     A [B, ..., C] output is read as rows [B * tokens, C], a [B, C, ...] one as B planes
     [C, tokens]. On a CPU the tokens go in chunks of about CHUNK_ELEMENTS per tensor (every
     value is per token, so chunking changes nothing but the speed); elsewhere in one piece.
+    `per_tokens` gives [k, tokens] parts (float32 off the CPU) and `finish` the float64 values;
+    with `finish_device` (a device without float64) only the parts are moved there first.
     """
     tensors = (base, *deltas)
     batch, channels = base.shape[0], base.shape[channel_dim]
@@ -78,11 +81,21 @@ def _over_tokens(per_tokens: PerTokens, base: torch.Tensor, deltas: Sequence[tor
         for start in range(0, tokens, step):
             chunk = [t.narrow(token_dim, start, min(step, tokens - start)) for t in plane]
             for collected, value in zip(values, per_tokens(chunk[0], chunk[1:], 1 - token_dim)):
-                collected.append(value if finish is not None else value.reshape(-1))
+                collected.append(value)
     per_token = [torch.cat(v, dim=-1) for v in values]
-    if finish is not None:
-        per_token = [finish(v) for v in per_token]
-    return tuple(v.view(batch, -1).mean(dim=1).float() for v in per_token)
+    if finish_device is not None:
+        per_token = [v.to(finish_device) for v in per_token]
+    return tuple(finish(v).view(batch, -1).mean(dim=1).float() for v in per_token)
+
+
+def _token_sums(x: torch.Tensor, ys: Sequence[torch.Tensor], channel_dim: int, scratch: torch.Tensor) -> torch.Tensor:
+    """[len(ys), tokens] float32: sum_c x_c * y_c per token for each y (parts of a per-token criterion)."""
+    token_shape = list(x.shape)
+    token_shape[channel_dim] = 1
+    parts = torch.empty(len(ys), math.prod(token_shape), dtype=torch.float32, device=x.device)
+    for row, y in zip(parts, ys):
+        torch.sum(torch.mul(x, y, out=scratch), dim=channel_dim, keepdim=True, out=row.view(token_shape))
+    return parts
 
 
 def _channel_sum(x: torch.Tensor, y: torch.Tensor, channel_dim: int, scratch: torch.Tensor) -> torch.Tensor:
@@ -244,9 +257,10 @@ def _kl_per_tokens(base: torch.Tensor, deltas: Sequence[torch.Tensor], channel_d
 
 
 @torch.no_grad()
-def kl_of_shifts(base: torch.Tensor, deltas: Sequence[torch.Tensor], channel_dim: int) -> tuple[torch.Tensor, ...]:
+def kl_of_shifts(base: torch.Tensor, deltas: Sequence[torch.Tensor], channel_dim: int,
+                 finish_device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
     """d_k = KL(softmax(F + D_k) || softmax(F)) per sample, Eq. 11-12: the paper's criterion."""
-    return _over_tokens(_kl_per_tokens, base, deltas, channel_dim, finish=_kl_from_parts)
+    return _over_tokens(_kl_per_tokens, base, deltas, channel_dim, _kl_from_parts, finish_device)
 
 
 def _js_tokens(base: torch.Tensor, q: torch.Tensor, delta: torch.Tensor, channel_dim: int,
@@ -287,38 +301,47 @@ def _js_tokens_elementwise(q: torch.Tensor, channel_dim: int, work: list[torch.T
 def _js_per_tokens(base: torch.Tensor, deltas: Sequence[torch.Tensor], channel_dim: int) -> list[torch.Tensor]:
     q = _softmax(base, channel_dim)
     work = _workspace(q, 4)
-    return [_js_tokens(base, q, delta, channel_dim, work).double() for delta in deltas]
+    return [_js_tokens(base, q, delta, channel_dim, work).reshape(1, -1) for delta in deltas]
+
+
+def _single_part(parts: torch.Tensor) -> torch.Tensor:
+    return parts[0].double()
 
 
 @torch.no_grad()
-def js_of_shifts(base: torch.Tensor, deltas: Sequence[torch.Tensor], channel_dim: int) -> tuple[torch.Tensor, ...]:
+def js_of_shifts(base: torch.Tensor, deltas: Sequence[torch.Tensor], channel_dim: int,
+                 finish_device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
     """Jensen-Shannon divergence of softmax(F + D_k) and softmax(F) per sample (Table 4)."""
-    return _over_tokens(_js_per_tokens, base, deltas, channel_dim)
+    return _over_tokens(_js_per_tokens, base, deltas, channel_dim, _single_part, finish_device)
 
 
 def _cosine_per_tokens(base: torch.Tensor, deltas: Sequence[torch.Tensor], channel_dim: int) -> list[torch.Tensor]:
     base32 = base.float()
     scratch = torch.empty_like(base32)
-    base_sq = _channel_sum(base32, base32, channel_dim, scratch).double()
-    n0 = base_sq.sqrt()
+    base_sq = _token_sums(base32, (base32,), channel_dim, scratch)
     out = []
     for delta in deltas:
         delta32 = delta.float()
-        cross = _channel_sum(base32, delta32, channel_dim, scratch).double()
-        delta_sq = _channel_sum(delta32, delta32, channel_dim, scratch).double()
-        n1 = (base_sq + 2.0 * cross + delta_sq).clamp_(min=0.0).sqrt_()
-        norms = n0 * n1
-        along = base_sq + cross  # F.(F + D) = n0 n1 cos
-        stable = (base_sq * delta_sq - cross.square()).clamp_(min=0.0) / (norms * (norms + along))
-        plain = 1.0 - along / norms
-        per_token = torch.where(along > 0, stable, plain)
-        out.append(torch.where(norms > 0, per_token, (delta_sq > 0).double()))
+        out.append(torch.cat([base_sq, _token_sums(delta32, (base32, delta32), channel_dim, scratch)]))
     return out
 
 
+def _cosine_from_parts(parts: torch.Tensor) -> torch.Tensor:
+    """1 - cos per token in float64 from float32 [F.F, F.D, D.D] (see `cosine_of_shifts`)."""
+    base_sq, cross, delta_sq = parts.double()
+    n0 = base_sq.sqrt()
+    n1 = (base_sq + 2.0 * cross + delta_sq).clamp_(min=0.0).sqrt_()
+    norms = n0 * n1
+    along = base_sq + cross  # F.(F + D) = n0 n1 cos
+    stable = (base_sq * delta_sq - cross.square()).clamp_(min=0.0) / (norms * (norms + along))
+    plain = 1.0 - along / norms
+    per_token = torch.where(along > 0, stable, plain)
+    return torch.where(norms > 0, per_token, (delta_sq > 0).double())
+
+
 @torch.no_grad()
-def cosine_of_shifts(base: torch.Tensor, deltas: Sequence[torch.Tensor],
-                     channel_dim: int) -> tuple[torch.Tensor, ...]:
+def cosine_of_shifts(base: torch.Tensor, deltas: Sequence[torch.Tensor], channel_dim: int,
+                     finish_device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
     """1 - cos(F + D_k, F) per token over channels, averaged per sample (Table 4).
 
     With n0^2 = F.F, s = F.D, d2 = D.D (float32 dot products) and n1 = |F + D| =
@@ -328,23 +351,28 @@ def cosine_of_shifts(base: torch.Tensor, deltas: Sequence[torch.Tensor],
     The per-token algebra is float64. A zero F or F + D counts as distance 1 (as torch's
     cosine_similarity gives), except that nothing moved (D = 0) is distance 0.
     """
-    return _over_tokens(_cosine_per_tokens, base, deltas, channel_dim)
+    return _over_tokens(_cosine_per_tokens, base, deltas, channel_dim, _cosine_from_parts, finish_device)
 
 
 def _dot_per_tokens(base: torch.Tensor, deltas: Sequence[torch.Tensor], channel_dim: int) -> list[torch.Tensor]:
     base32 = base.float()
     scratch = torch.empty_like(base32)
-    return [_channel_sum(base32, delta.float(), channel_dim, scratch).double().neg_() for delta in deltas]
+    return [_token_sums(base32, (delta.float(),), channel_dim, scratch) for delta in deltas]
+
+
+def _negated(parts: torch.Tensor) -> torch.Tensor:
+    return parts[0].double().neg_()
 
 
 @torch.no_grad()
-def dot_of_shifts(base: torch.Tensor, deltas: Sequence[torch.Tensor], channel_dim: int) -> tuple[torch.Tensor, ...]:
+def dot_of_shifts(base: torch.Tensor, deltas: Sequence[torch.Tensor], channel_dim: int,
+                  finish_device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
     """F.F - (F + D_k).F = -F.D_k per token, averaged per sample (Table 4's dot product).
 
     How far the output's dot product with the base output dropped; |F|^2 is common to both
     LoRAs and cancels exactly, so only the float32 dot product F.D is computed.
     """
-    return _over_tokens(_dot_per_tokens, base, deltas, channel_dim)
+    return _over_tokens(_dot_per_tokens, base, deltas, channel_dim, _negated, finish_device)
 
 
 SHIFT_DIVERGENCES: dict[str, ShiftDivergence] = {

@@ -13,19 +13,23 @@ from typing import Callable, Protocol
 
 import torch
 
-from .deltas import LayerDelta
+from . import fused_gate
+from .deltas import DeltaStack, LayerDelta
 from .divergence import get_shift_divergence
 from .recorder import GateState
 
 
 def delta_divergences(base: torch.Tensor, subject_delta: torch.Tensor, style_delta: torch.Tensor,
-                      criterion: str, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      criterion: str, channel_dim: int,
+                      finish_device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(d_c, d_s) per sample, Eq. 11-12, from F and the two LoRA deltas (F_hat = F + D).
 
     F + D is never formed: each criterion works from F and D (see `divergence`), sharing the
-    work on F (the softmax over channels) between the two LoRAs.
+    work on F (the softmax over channels) between the two LoRAs. With `finish_device`, only the
+    small per-token float32 parts go there for the float64 finish (devices without float64).
     """
-    d_subject, d_style = get_shift_divergence(criterion)(base, (subject_delta, style_delta), channel_dim)
+    d_subject, d_style = get_shift_divergence(criterion)(base, (subject_delta, style_delta), channel_dim,
+                                                         finish_device=finish_device)
     return d_subject, d_style
 
 
@@ -102,9 +106,10 @@ class SelectionRule(Protocol):
         ...
 
 
-# Devices without float64 (Apple's MPS): the divergences' per-token sums need it, so they are
-# computed on the CPU from copies of the layer's outputs (slower; the decision is the same).
+# Devices without float64 (Apple's MPS): the per-token float32 parts are computed there and only
+# they (a few numbers per token) go to the CPU for the float64 finish; the decision is the same.
 FLOAT64_LESS_DEVICES = frozenset({"mps"})
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -116,13 +121,21 @@ class DivergenceRule:
 
     criterion: str = "kl"
     style_bias: float = 1.0
+    step_independent = True  # the same tensors give the same decision at every step
 
     def __call__(self, layer, base, subject_delta, style_delta, channel_dim):
         device = base.device
-        if device.type in FLOAT64_LESS_DEVICES:  # the per-token float64 algebra runs on the CPU there
-            base, subject_delta, style_delta = (t.detach().cpu() for t in (base, subject_delta, style_delta))
-        d_subject, d_style = delta_divergences(base, subject_delta, style_delta, self.criterion, channel_dim)
+        finish_device = CPU if device.type in FLOAT64_LESS_DEVICES else None
+        d_subject, d_style = delta_divergences(base, subject_delta, style_delta, self.criterion, channel_dim,
+                                               finish_device)
         return choose_subject(d_subject, d_style, self.style_bias).to(device)
+
+    def fused_gate(self, layer, base, deltas, channel_dim):
+        """(F + D_chosen, [B] subject mask) through the Triton kernels, or None where they do not apply."""
+        if not fused_gate.supports(base, deltas, channel_dim, self.criterion):
+            return None
+        out, subject_mask, _ = fused_gate.gate(base, deltas, self.criterion, self.style_bias)
+        return out, subject_mask
 
 
 class LayerGate:
@@ -132,46 +145,89 @@ class LayerGate:
     forward, with its weight casting, offloading and any merged LoRA patches), so those keep
     working. Outside the step window both deltas are added, as a direct merge would. A fused
     layer given `row_slices` is gated slice by slice, each slice recorded as `layer[name]`.
+    Both deltas come from one `DeltaStack` (one down-projection GEMM); on an accelerator with
+    Triton the rule's `fused_gate` (kernels of `fused_gate`) decides and adds in three launches.
+    A `static_input` layer (cross-attention k/v: its input is the text context) keeps its output
+    and decisions per distinct input of the run (`GateState.static_inputs`) and, while the rule's
+    decision does not depend on the step, reuses them at later steps (still recording each step).
     """
 
     def __init__(self, layer: str, subject: LayerDelta, style: LayerDelta, state: GateState,
-                 rule: SelectionRule | None = None, row_slices: tuple[RowSlice, ...] = ()):
+                 rule: SelectionRule | None = None, row_slices: tuple[RowSlice, ...] = (),
+                 static_input: bool = False):
         self.layer = layer
         self.subject = subject
         self.style = style
+        self.deltas = DeltaStack((subject, style))
         self.state = state
         self.rule = rule if rule is not None else DivergenceRule()
         self.channel_dim = subject.geometry.channel_dim
         self.row_slices = tuple(row_slices)
+        self.static_input = static_input
+        self._static: dict = {}  # (generation, input key) -> (output, [(name, mask)])
 
     def forward(self, original: Callable, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        gated = self.state.active and (self.state.batch is None or x.shape[0] == self.state.batch)
+        key = self._static_key(x, args, kwargs) if gated else None
+        if key is not None and key in self._static:
+            out, records = self._static[key]
+            for name, subject_mask in records:
+                self.state.record(name, subject_mask)
+            return out.clone()
         base = original(x, *args, **kwargs)
-        subject_delta = self.subject(x)
-        style_delta = self.style(x)
-        if not self.state.active or (self.state.batch is not None and x.shape[0] != self.state.batch):
+        differentiable = torch.is_grad_enabled() and (x.requires_grad or base.requires_grad)
+        fused = (gated and not differentiable and self.channel_dim == -1 and hasattr(self.rule, "fused_gate")
+                 and fused_gate.fused_available(base))
+        deltas = self.deltas(x, stacked=fused)
+        if not gated:
             # outside the window; or rows that are not the call's images (e.g. tokens flattened over
             # the batch): no per-image choice exists, both LoRAs act, as a direct merge
-            return base + subject_delta + style_delta
+            return base + deltas[0] + deltas[1]
+        records = []
         if not self.row_slices:
-            out, subject_mask = self._gate(self.layer, base, subject_delta, style_delta)
-            self.state.record(self.layer, subject_mask)
-            return out
-        out = torch.empty_like(base)
-        for piece in self.row_slices:
-            def rows(t, piece=piece):
-                return t.narrow(self.channel_dim, piece.start, piece.length)
-            name = f"{self.layer}[{piece.name}]"
-            gated, subject_mask = self._gate(name, rows(base), rows(subject_delta), rows(style_delta))
-            rows(out).copy_(gated)
+            out, subject_mask = self._gate(self.layer, base, deltas)
+            records.append((self.layer, subject_mask))
+        else:
+            out = torch.empty_like(base)
+            for piece in self.row_slices:
+                def rows(t, piece=piece, dim=self.channel_dim):
+                    return t.narrow(dim, piece.start, piece.length)
+                name = f"{self.layer}[{piece.name}]"
+                piece_deltas = (deltas.narrow(-1, piece.start, piece.length) if isinstance(deltas, torch.Tensor)
+                                else tuple(rows(d) for d in deltas))
+                gated_rows, subject_mask = self._gate(name, rows(base), piece_deltas)
+                rows(out).copy_(gated_rows)
+                records.append((name, subject_mask))
+        for name, subject_mask in records:
             self.state.record(name, subject_mask)
+        if key is not None:  # a copy: the caller may modify what it is given in place
+            self._static[key] = (out.clone(), records)
         return out
 
-    def _gate(self, name: str, base: torch.Tensor, subject_delta: torch.Tensor, style_delta: torch.Tensor):
+    def _static_key(self, x: torch.Tensor, args, kwargs):
+        """The cache key of this call's result, or None where it must be computed (see the class)."""
+        if not (self.static_input and getattr(self.rule, "step_independent", False)) or args or kwargs:
+            return None
+        if torch.is_grad_enabled() and x.requires_grad:
+            return None
+        inputs = self.state.static_inputs
+        if any(generation != inputs.generation for generation, _ in self._static):
+            self._static.clear()  # a new run: drop the old run's outputs
+        index = inputs.key(x)
+        return None if index is None else (inputs.generation, index)
+
+    def _gate(self, name: str, base: torch.Tensor, deltas):
         """Eq. 13 on one layer (or slice). Under autograd (exact score guidance) the discrete decision
         is made on detached tensors, so the divergences build no graph; only the chosen output
         carries gradients."""
+        subject_delta, style_delta = deltas[0], deltas[1]
         if not (torch.is_grad_enabled() and (base.requires_grad or subject_delta.requires_grad
                                              or style_delta.requires_grad)):
+            if isinstance(deltas, torch.Tensor) and hasattr(self.rule, "fused_gate") \
+                    and fused_gate.fused_available(base):
+                result = self.rule.fused_gate(name, base, deltas, self.channel_dim)
+                if result is not None:
+                    return result
             subject_mask = self.rule(name, base, subject_delta, style_delta, self.channel_dim)
             return add_selected(base, subject_delta, style_delta, subject_mask), subject_mask
         with torch.no_grad():

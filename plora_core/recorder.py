@@ -86,6 +86,59 @@ class SelectionRecorder:
         return steps, layers, matrix
 
 
+class StaticInputs:
+    """The distinct inputs, within one run, of layers whose input repeats from step to step.
+
+    Cross-attention k/v projections see only the text context, the same at every step unless the
+    conditioning changes (prompt scheduling, timestep ranges): their gate's decision and output
+    then repeat too. `key(x)` names x's value exactly: the index of an equal input seen earlier in
+    the run (`torch.equal`), or a new one. Within one model call the answer is remembered per
+    tensor object (and its version counter), so the comparison runs once per call, not per layer
+    (on an accelerator it is one host sync per model call). Inference tensors (ComfyUI samples in
+    inference mode) have no version counter: there the object alone is trusted within one call
+    (no model edits its text context in place mid-forward).
+    """
+
+    def __init__(self, kept: int = 8):
+        self.generation = 0  # bumped when a run starts: keys of an older run mean nothing
+        self.limit = kept
+        self._inputs: list[torch.Tensor] = []
+        self._call: dict[int, tuple[torch.Tensor, int | None, int]] = {}  # id -> (x, version, key)
+
+    def clear(self) -> None:
+        self.generation += 1
+        self._inputs.clear()
+        self._call.clear()
+
+    def new_call(self) -> None:
+        self._call.clear()
+
+    def key(self, x: torch.Tensor) -> int | None:
+        """The index of x's value among this run's inputs (None once `kept` distinct ones were seen)."""
+        version = _version(x)
+        seen = self._call.get(id(x))
+        if seen is not None and seen[0] is x and seen[1] == version:
+            return seen[2]
+        key = next((i for i, kept in enumerate(self._inputs)
+                    if kept.shape == x.shape and kept.dtype == x.dtype and kept.device == x.device
+                    and torch.equal(kept, x)), None)
+        if key is None:
+            if len(self._inputs) >= self.limit:
+                return None
+            self._inputs.append(x.detach().clone())
+            key = len(self._inputs) - 1
+        self._call[id(x)] = (x, version, key)
+        return key
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """x's in-place version counter; None for inference tensors, which have none."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
+
+
 @dataclass
 class GateState:
     """Shared by every gated layer of one patched model; updated once per model call.
@@ -105,11 +158,13 @@ class GateState:
     cond_or_uncond: list[int] | None = None
     sample_sigmas: tuple[float, ...] = ()  # the run's schedule when the sampler tells it
     batch: int | None = None  # rows of the current model call (each an image: cond or uncond)
+    static_inputs: StaticInputs = field(default_factory=StaticInputs)
 
     def begin_model_call(self, sigma: float, sample_sigmas: torch.Tensor | None = None,
                          cond_or_uncond: list[int] | None = None, batch: int | None = None) -> None:
         if self.sigma is None or sigma > self.sigma * (1 + 1e-6) + 1e-9:
             self.recorder.clear()
+            self.static_inputs.clear()
             self.step = 0
         elif sigma < self.sigma * (1 - 1e-6) - 1e-9:
             self.step += 1
@@ -120,6 +175,7 @@ class GateState:
         self.active = self.sigma_low <= sigma <= self.sigma_high
         self.cond_or_uncond = None if cond_or_uncond is None else list(cond_or_uncond)
         self.batch = batch
+        self.static_inputs.new_call()
 
     def record(self, layer: str, subject_mask: torch.Tensor) -> None:
         self.recorder.record(self.step, layer, subject_mask, self.cond_or_uncond)
