@@ -204,8 +204,8 @@ def max_loras() -> int:
     return 16 if "deltas" in parameters else 2
 
 
-def make_gate(shape: LayerShape, loras: int, device, dtype, rank: int = RANK, seed: int = 0):
-    """A LayerGate over `loras` low-rank deltas of a Linear of this shape (random factors off the meta device).
+def make_gate(shape: LayerShape, loras: int, rank: int = RANK, seed: int = 0):
+    """A LayerGate over `loras` random low-rank deltas of a Linear of this shape (x on `device`).
 
     A context-fed shape gets `static_input=True` (as nodes/gate.py gives cross-attention k/v) where the
     gate has it; its state then takes every input as the one seen before (the comparison that decides
@@ -217,10 +217,8 @@ def make_gate(shape: LayerShape, loras: int, device, dtype, rank: int = RANK, se
     generator = torch.Generator().manual_seed(seed)
     geometry = deltas.LayerGeometry("linear", shape.out_features, shape.in_features)
 
-    def factor(*size):
-        if torch.device(device).type == "meta":
-            return torch.empty(size, device=device, dtype=dtype)
-        return (torch.randn(size, generator=generator) * 0.05).to(device, dtype)
+    def factor(*size):  # on the CPU, as the pack keeps them; the first call casts them to x's device
+        return torch.randn(size, generator=generator) * 0.05
 
     parts = [deltas.LayerDelta(geometry, [deltas.LowRankPart(factor(shape.out_features, rank),
                                                              factor(rank, shape.in_features), 1.0)])
@@ -281,7 +279,7 @@ def phases(log: CostLog):
 def count_layer(shape: LayerShape, fused: bool, loras: int = 2) -> LayerCost:
     """One gated-layer call at `shape` on the meta device: kernels, bytes and memory beyond the Linear."""
     linear = torch.nn.Linear(shape.in_features, shape.out_features, device="meta", dtype=DTYPE)
-    gate = make_gate(shape, loras, "meta", DTYPE)
+    gate = make_gate(shape, loras)
     x = torch.empty(BATCH, shape.tokens, shape.in_features, device="meta", dtype=DTYPE)
     log = CostLog(untracked_phases=("linear",))
     alone = CostLog()
@@ -289,6 +287,7 @@ def count_layer(shape: LayerShape, fused: bool, loras: int = 2) -> LayerCost:
         gate.forward(linear, x)  # first call: LoRA factors cast and cached (a context-fed output kept)
         with alone:
             linear(x)
+        log.kernels.clear()  # the first call's launches
         log.phase = "choose+add"
         with phases(log), log:
             out = gate.forward(log.phase_wrapper(linear, "linear"), x)
@@ -300,11 +299,12 @@ def count_layer(shape: LayerShape, fused: bool, loras: int = 2) -> LayerCost:
 def kernel_sequence(shape: LayerShape, fused: bool, device: str, loras: int = 2) -> list[str]:
     """Names of the kernels one call launches (to check that the host timing runs the accelerator's ops)."""
     linear = torch.nn.Linear(shape.in_features, shape.out_features, device=device, dtype=DTYPE)
-    gate = make_gate(shape, loras, device, DTYPE)
+    gate = make_gate(shape, loras)
     x = torch.randn(BATCH, shape.tokens, shape.in_features).to(device, DTYPE)
     log = CostLog()
     with torch.inference_mode(), gate_path(fused, log.launch):
         gate.forward(linear, x)
+        log.kernels.clear()
         with log:
             gate.forward(linear, x)
     return [k.name for k in log.kernels]
@@ -316,7 +316,7 @@ TINY = LayerShape(16, 16, 8)
 def host_us_per_layer(fused: bool, loras: int = 2, calls: int = 200, repeats: int = 5) -> float:
     """Host µs per gated-layer call: the accelerator op sequence on tiny CPU tensors, minus the Linear."""
     linear = torch.nn.Linear(TINY.in_features, TINY.out_features, dtype=DTYPE)
-    gate = make_gate(TINY, loras, "cpu", DTYPE, rank=4)
+    gate = make_gate(TINY, loras, rank=4)
     x = torch.randn(BATCH, TINY.tokens, TINY.in_features).to(DTYPE)
 
     def no_launch(*args, **kwargs):
