@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-import server_support
+from support import server_support
 import test_browser
 from test_browser import APP, hide_overlays
 from test_server import PLACEHOLDERS, WORKFLOWS
