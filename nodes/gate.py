@@ -17,12 +17,13 @@ installer only records them for the selection map).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 import weakref
 from collections import OrderedDict
 
 import torch
 
-from ..plora_core.deltas import LayerGeometry
+from ..plora_core.deltas import LayerGeometry, LayerMismatch
 from ..plora_core.fusion_rules import (B_LORA_CONTENT_BLOCK, B_LORA_STYLE_BLOCK, KLoraRule, b_lora_routing,
                                        klora_layer_scores, schedule_position)
 from ..plora_core.gate import DivergenceRule, LayerGate, RowSlice
@@ -189,6 +190,18 @@ def _b_lora_modules(model, pair: SubjectStyleLoras, mapped: dict, active: list) 
     return kept
 
 
+@dataclass
+class GatePlan:
+    """What build_gated_model decided before touching anything: each active LoRA mapped onto the model,
+    the layers both touch, which of them are gated, and which layers each LoRA keeps."""
+
+    active: list[LoraChoice]
+    mapped: dict[int, object]  # id(choice) -> MappedLora
+    shared: set[str]
+    gated: set[str]
+    kept: dict[int, set[str]] = field(default_factory=dict)  # id(choice) -> layers that LoRA acts on
+
+
 def build_gated_model(model, pair: SubjectStyleLoras, criterion: str = "kl", style_bias: float = 1.0,
                       start_percent: float = 0.0, end_percent: float = 1.0, method: str = "p-lora",
                       k_lora_preset: str = "s*"):
@@ -200,16 +213,43 @@ def build_gated_model(model, pair: SubjectStyleLoras, criterion: str = "kl", sty
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
+    plan = plan_layers(model, pair, method)
+    if plan is None:
+        return model
+    sampling = model.get_model_object("model_sampling")
+    state = GateState(sigma_high=float(sampling.percent_to_sigma(start_percent)),
+                      sigma_low=float(sampling.percent_to_sigma(end_percent)))
+    try:
+        for choice in plan.active:
+            check_merged_shapes(model, plan.mapped[id(choice)])
+        plan.kept = ({id(c): set(plan.mapped[id(c)].modules) for c in plan.active} if method != "b-lora"
+                     else _b_lora_modules(model, pair, plan.mapped, plan.active))
+        layers = build_layer_deltas(model, pair, plan)
+        rule = selection_rule(method, criterion, style_bias, k_lora_preset, pair, layers, state, sampling)
+    except LayerMismatch as error:  # a LoRA of another family: say that, rather than which layer failed first
+        for choice in plan.active:
+            mismatch = family_mismatch(model, choice.file)
+            if mismatch and error.lora == choice.name:
+                raise LoraFileError(mismatch) from error
+        raise
+    gates = {path: LayerGate(path, subject, style, state, rule, row_slices, static_input=fed_by_context(path))
+             for path, (subject, style, row_slices) in layers.items()}
+    patched = install_plan(model, pair, plan, method, gates, state)
+    logger.info("P-LoRA (%s): %d layers gated%s, %d merged directly", method, len(gates),
+                f" ({criterion})" if method == "p-lora" else "",
+                sum(len(plan.kept[id(c)] - plan.gated) for c in plan.active))
+    return patched
+
+
+def plan_layers(model, pair: SubjectStyleLoras, method: str) -> GatePlan | None:
+    """Map the LoRAs with a strength onto the model and choose the gated layers (None: nothing to do)."""
     active = [c for c in (pair.subject, pair.style) if c.strength != 0]
     if not active:
-        return model
+        return None
     mapped = {id(c): map_lora_onto_model(model, c.file) for c in active}
     shared: set[str] = set()
     if len(active) == 2:
         shared = set(mapped[id(pair.subject)].modules) & set(mapped[id(pair.style)].modules)
-    sampling = model.get_model_object("model_sampling")
-    state = GateState(sigma_high=float(sampling.percent_to_sigma(start_percent)),
-                      sigma_low=float(sampling.percent_to_sigma(end_percent)))
     gated = shared if method in ("p-lora", "k-lora") else set()
     per_token = {path for path in gated if ROUTED_EXPERT in path}
     if per_token:
@@ -217,51 +257,53 @@ def build_gated_model(model, pair: SubjectStyleLoras, criterion: str = "kl", sty
                     "no per-image choice exists there: both LoRAs are merged directly", len(per_token),
                     min(per_token))
         gated = gated - per_token
-    try:
-        for choice in active:
-            check_merged_shapes(model, mapped[id(choice)])
-        kept = {id(c): set(mapped[id(c)].modules) for c in active}
-        if method == "b-lora":
-            kept = _b_lora_modules(model, pair, mapped, active)
-        layers = {}  # path -> (subject delta, style delta, row slices), in the model's order
-        key_map = host.unet_key_map(model) if gated else {}
-        for path in sorted(gated, key=_module_order(model)):
-            module = host.get_module(model, path)
-            geometry = LayerGeometry.of_module(module)
-            layers[path] = (layer_delta(mapped[id(pair.subject)].modules[path], pair.subject, geometry, module, model),
-                            layer_delta(mapped[id(pair.style)].modules[path], pair.style, geometry, module, model),
-                            fused_row_slices(key_map, path, geometry.out_channels))
-        rule = DivergenceRule(criterion, style_bias) if method == "p-lora" else None
-        if method == "k-lora" and layers:  # Top-K sums once per layer (or slice), here, never per step
-            pair_key = (_file_key(pair.subject), _file_key(pair.style))
-            scores = {name: _klora_scores(pair_key, name, rows, subject, style)
-                      for path, (subject, style, row_slices) in layers.items()
-                      for name, rows in _gate_names(path, row_slices)}
-            rule = KLoraSelection(KLoraRule(scores, k_lora_preset, layer_order=list(scores)), state, sampling)
-        gates = {path: LayerGate(path, subject, style, state, rule, row_slices, static_input=fed_by_context(path))
-                 for path, (subject, style, row_slices) in layers.items()}
-    except ValueError as error:
-        for choice in active:
-            mismatch = family_mismatch(model, choice.file)
-            if mismatch and f"LoRA {choice.name})" in str(error):
-                raise LoraFileError(mismatch) from error
-        raise
+    return GatePlan(active, mapped, shared, gated)
 
+
+def build_layer_deltas(model, pair: SubjectStyleLoras, plan: GatePlan) -> dict:
+    """path -> (subject LayerDelta, style LayerDelta, row slices) of every gated layer, in the model's order."""
+    layers = {}
+    key_map = host.unet_key_map(model) if plan.gated else {}
+    for path in sorted(plan.gated, key=_module_order(model)):
+        module = host.get_module(model, path)
+        geometry = LayerGeometry.of_module(module)
+        layers[path] = (layer_delta(plan.mapped[id(pair.subject)].modules[path], pair.subject, geometry, module, model),
+                        layer_delta(plan.mapped[id(pair.style)].modules[path], pair.style, geometry, module, model),
+                        fused_row_slices(key_map, path, geometry.out_channels))
+    return layers
+
+
+def selection_rule(method: str, criterion: str, style_bias: float, k_lora_preset: str, pair: SubjectStyleLoras,
+                   layers: dict, state: GateState, sampling):
+    """The gates' rule: the paper's divergence rule, or K-LoRA's with its Top-K sums computed here, once."""
+    if method == "p-lora":
+        return DivergenceRule(criterion, style_bias)
+    if method != "k-lora" or not layers:
+        return None
+    pair_key = (_file_key(pair.subject), _file_key(pair.style))
+    scores = {name: _klora_scores(pair_key, name, rows, subject, style)
+              for path, (subject, style, row_slices) in layers.items()
+              for name, rows in _gate_names(path, row_slices)}
+    return KLoraSelection(KLoraRule(scores, k_lora_preset, layer_order=list(scores)), state, sampling)
+
+
+def install_plan(model, pair: SubjectStyleLoras, plan: GatePlan, method: str, gates: dict, state: GateState):
+    """The patched clone: every kept layer a LoRA acts on alone merged as LoraLoader would, the gates
+    installed, and a fixed rule's choices recorded for the selection map."""
     patched = model.clone()
-    for choice in active:
-        merge_patches(patched, mapped[id(choice)], choice.strength, gated | (set(mapped[id(choice)].modules) - kept[id(choice)]))
+    for choice in plan.active:
+        skip = plan.gated | (set(plan.mapped[id(choice)].modules) - plan.kept[id(choice)])
+        merge_patches(patched, plan.mapped[id(choice)], choice.strength, skip)
     static = {}
-    if method in ("direct", "b-lora") and len(active) == 2:  # what the selection map shows for a fixed rule
-        both = shared | (kept[id(pair.subject)] | kept[id(pair.style)] if method == "b-lora" else set())
+    if method in ("direct", "b-lora") and len(plan.active) == 2:  # what the selection map shows for a fixed rule
+        subject_kept, style_kept = plan.kept[id(pair.subject)], plan.kept[id(pair.style)]
+        both = plan.shared | (subject_kept | style_kept if method == "b-lora" else set())
         for path in sorted(both, key=_module_order(model)):
-            subject_acts, style_acts = path in kept[id(pair.subject)], path in kept[id(pair.style)]
+            subject_acts, style_acts = path in subject_kept, path in style_kept
             static[path] = BOTH_VALUE if subject_acts and style_acts else (
                 1.0 if subject_acts else 0.0 if style_acts else float("nan"))
     if gates or static:
         GateInstaller(gates, state, static).install(patched)
-    logger.info("P-LoRA (%s): %d layers gated%s, %d merged directly", method, len(gates),
-                f" ({criterion})" if method == "p-lora" else "",
-                sum(len(kept[id(c)] - gated) for c in active))
     return patched
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plora_core.deltas import DensePart, LayerDelta, LayerGeometry, LowRankPart, normalise_factors
+from ..plora_core.deltas import DensePart, LayerDelta, LayerGeometry, LayerMismatch, LowRankPart, normalise_factors
 from ..plora_core.gate import RowSlice
 from ..plora_core.lora_file import LoraFile
 from ..plora_core.lora_info import families_compatible, lora_family
@@ -60,7 +60,8 @@ def layer_delta(patches: ModulePatches, choice: LoraChoice, geometry: LayerGeome
         if factors is not None and (offset is None or offset[0] == 0):
             up, down, alpha, mid = factors
             rows = None if offset is None else (int(offset[1]), int(offset[2]))
-            up, down, mid = normalise_factors(geometry, up, down, mid, None if rows is None else rows[1], layer)
+            up, down, mid = normalise_factors(geometry, up, down, mid, None if rows is None else rows[1], layer,
+                                              choice.name)
             scale = choice.strength * (alpha / down.shape[0] if alpha is not None else 1.0)
             mid = None if mid is None else mid.float()
             delta.low_rank.append(LowRankPart(up.float(), down.float(), scale, mid, rows))
@@ -69,7 +70,8 @@ def layer_delta(patches: ModulePatches, choice: LoraChoice, geometry: LayerGeome
             delta.dense.append(DensePart(dense))
     for patch, offset, function in patches.bias:
         if module.bias is None:
-            raise ValueError(f"Layer {layer}: the LoRA changes a bias this layer does not have.")
+            raise LayerMismatch(f"Layer {layer}: the LoRA changes a bias this layer does not have.", patches.path,
+                                choice.name)
         bias = host.dense_delta(patch, choice.strength, base("bias"), f"{patches.path}.bias", offset, function)
         delta.bias = bias if delta.bias is None else delta.bias + bias
     return delta
@@ -97,11 +99,11 @@ def check_merged_shapes(model_patcher, mapped: MappedLora) -> None:
             rows = shape[0] if offset is None else int(offset[2])
             fits = up.shape[0] == rows and (mid is not None or down[0].numel() == math.prod(shape[1:]))
             if not fits:
-                raise ValueError(
+                raise LayerMismatch(
                     f"Layer {patches.path} (LoRA {mapped.name}): LoRA factors up {tuple(up.shape)}, down "
                     f"{tuple(down.shape)} do not fit the layer's weight {tuple(module.weight.shape)}. The LoRA "
-                    "was probably trained for another base model; pick one made for this checkpoint."
-                )
+                    "was probably trained for another base model; pick one made for this checkpoint.",
+                    patches.path, mapped.name)
 
 
 def fused_row_slices(key_map: dict, path: str, out_channels: int) -> tuple[RowSlice, ...]:

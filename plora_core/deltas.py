@@ -145,8 +145,19 @@ class LayerDelta:
         return self._cache[key]
 
 
+class LayerMismatch(ValueError):
+    """A LoRA's tensors do not fit a model layer. Carries the layer and the LoRA (its name), so callers
+    can tell which file failed without reading the message."""
+
+    def __init__(self, message: str, layer: str, lora: str | None = None):
+        super().__init__(message)
+        self.layer = layer
+        self.lora = lora
+
+
 def normalise_factors(geometry: LayerGeometry, up: torch.Tensor, down: torch.Tensor,
-                      mid: torch.Tensor | None, rows_length: int | None, layer: str) -> tuple:
+                      mid: torch.Tensor | None, rows_length: int | None, layer: str,
+                      lora: str | None = None) -> tuple:
     """Bring LoRA factors to the layer's form and check their shapes (names the layer on error).
 
     Linear layers take 2-D factors; conv layers take 4-D (a 2-D factor from a peft file
@@ -157,7 +168,7 @@ def normalise_factors(geometry: LayerGeometry, up: torch.Tensor, down: torch.Ten
     if geometry.kind == "linear":
         up, down = up.reshape(up.shape[0], -1), down.reshape(rank, -1)
         if mid is not None:
-            raise ValueError(f"Layer {layer}: a LoCon 'mid' factor was given for a Linear layer.")
+            raise LayerMismatch(f"Layer {layer}: a LoCon 'mid' factor was given for a Linear layer.", layer, lora)
         ok = up.shape == (out_expected, rank) and down.shape[1] == geometry.in_channels
     else:
         spatial = len(geometry.kernel_size)
@@ -177,12 +188,11 @@ def normalise_factors(geometry: LayerGeometry, up: torch.Tensor, down: torch.Ten
     if not ok:
         got = f"up {tuple(up.shape)}, down {tuple(down.shape)}"
         got += f", mid {tuple(mid.shape)}" if mid is not None else ""
-        raise ValueError(
+        raise LayerMismatch(
             f"Layer {layer}: LoRA factors ({got}) do not fit the model's layer "
             f"({geometry.kind}, {geometry.in_channels} -> {out_expected} channels"
             f"{', kernel ' + str(geometry.kernel_size) if geometry.kind == 'conv' else ''}). "
-            "The LoRA was probably trained for another base model; pick one made for this checkpoint."
-        )
+            "The LoRA was probably trained for another base model; pick one made for this checkpoint.", layer, lora)
     return up, down, mid
 
 

@@ -79,3 +79,12 @@ def test_mismatched_factors_name_the_layer():
     with pytest.raises(ValueError, match=r"blocks\.3\.attn.*another base model"):
         normalise_factors(LayerGeometry("linear", 8, 16), torch.randn(8, 4), torch.randn(4, 32), None, None,
                           "blocks.3.attn")
+
+
+def test_mismatched_factors_raise_a_typed_error_that_carries_the_layer_and_the_lora():
+    from plora_pack.plora_core.deltas import LayerMismatch
+
+    with pytest.raises(LayerMismatch) as raised:
+        normalise_factors(LayerGeometry("linear", 8, 16), torch.randn(8, 4), torch.randn(4, 32), None, None,
+                          "blocks.3.attn", "dog.safetensors")
+    assert (raised.value.layer, raised.value.lora) == ("blocks.3.attn", "dog.safetensors")
