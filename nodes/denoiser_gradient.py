@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..plora_core.recorder import COND, UNCOND
+from . import host
 
 
 def normal_tensor_copy(weight: torch.Tensor) -> torch.Tensor:
@@ -82,16 +83,14 @@ def sum_row_blocks(grads, blocks: list[int]) -> torch.Tensor | None:
 
 def denoised_from(args, options: dict, cfg: float, cond_pred, uncond_pred, x):
     """sampling_function's tail: pre-CFG functions, cfg_function, post-CFG functions in `options`."""
-    import comfy.samplers
-
     scale = args.get("cond_scale", cfg)
     conds = [args["cond"], args["uncond"]]
     out = [cond_pred, uncond_pred]
     for fn in options.get("sampler_pre_cfg_function", []):
         out = fn({"conds": conds, "conds_out": out, "cond_scale": scale, "timestep": args["sigma"], "input": x,
                   "sigma": args["sigma"], "model": args["model"], "model_options": options})
-    return comfy.samplers.cfg_function(args["model"], out[0], out[1], scale, x, args["sigma"], model_options=options,
-                                       cond=args["cond"], uncond=args["uncond"])
+    return host.cfg_function(args["model"], out[0], out[1], scale, x, args["sigma"], options, args["cond"],
+                             args["uncond"])
 
 
 def from_kept(args, options, cfg, kept):
@@ -115,8 +114,6 @@ def from_kept(args, options, cfg, kept):
 
 def recomputed(args, options, cfg):
     """(x0_hat with graph, [(input, 1)]): the sampler's model call again, with autograd."""
-    import comfy.samplers
-
     x = args["input"].detach().clone().requires_grad_(True)
     model_options = args["model_options"]
     conds = [args["cond"], args["uncond"]]
@@ -125,7 +122,7 @@ def recomputed(args, options, cfg):
                                                                  "model": args["model"],
                                                                  "model_options": model_options})
     else:
-        out = comfy.samplers.calc_cond_batch(args["model"], conds, x, args["sigma"], model_options)
+        out = host.calc_cond_batch(args["model"], conds, x, args["sigma"], model_options)
     return denoised_from(args, options, cfg, out[0], out[1], x), [(x, 1)]
 
 

@@ -31,6 +31,7 @@ from ..plora_core.lora_file import LoraFileError
 from ..plora_core.recorder import BOTH_VALUE, STYLE, SUBJECT, GateState
 from . import host
 from .lora_mapping import map_lora_onto_model
+from .memory_hooks import register_cache
 from .lora_pair import (LoraChoice, SubjectStyleLoras, check_merged_shapes, family_mismatch,  # noqa: F401
                         fused_row_slices, layer_delta, merge_patches)
 
@@ -145,6 +146,7 @@ class KLoraSelection:
 
 _KLORA_SCORES: OrderedDict = OrderedDict()  # (pair, layer, rows) -> KLoraLayerScores: five floats each
 _KLORA_SCORES_KEPT = 200_000
+register_cache(_KLORA_SCORES.clear)  # emptied with the pack's other caches (memory_hooks)
 
 
 def _file_key(choice: LoraChoice) -> tuple | None:

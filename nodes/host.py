@@ -306,6 +306,28 @@ def is_flow_model(model_patcher) -> bool:
     return isinstance(model_patcher.get_model_object("model_sampling"), comfy.model_sampling.CONST)
 
 
+def cfg_function(model, cond_pred, uncond_pred, scale, x, sigma, model_options, cond, uncond):
+    """ComfyUI's own CFG combination (with the model's sampler_cfg_function and post-CFG functions)."""
+    import comfy.samplers
+
+    return comfy.samplers.cfg_function(model, cond_pred, uncond_pred, scale, x, sigma, model_options=model_options,
+                                       cond=cond, uncond=uncond)
+
+
+def calc_cond_batch(model, conds, x, sigma, model_options):
+    """ComfyUI's own batched model call over cond and uncond (what sampling_function runs)."""
+    import comfy.samplers
+
+    return comfy.samplers.calc_cond_batch(model, conds, x, sigma, model_options)
+
+
+def model_management():
+    """comfy.model_management itself: the memory hooks wrap its module attributes."""
+    import comfy.model_management
+
+    return comfy.model_management
+
+
 def run_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise) -> dict:
     """KSampler's own path (noise, noise mask, preview, progress) via nodes.common_ksampler.
 

@@ -1,6 +1,7 @@
 """The pack's module caches follow ComfyUI's memory management.
 
-Parsed LoRAs and loaded encoders are emptied when ComfyUI unloads all models (`/free` with
+Parsed LoRAs, loaded encoders and every cache registered with `register_cache` (K-LoRA's Top-K
+sums, the open_clip config scan) are emptied when ComfyUI unloads all models (`/free` with
 `unload_models` or `free_memory`, an out-of-memory error, `--disable-smart-memory`) and when
 it has to unload models to make room (`free_memory` unloaded something).
 """
@@ -10,13 +11,25 @@ import logging
 
 from ..plora_core.encoders import release_encoders
 from ..plora_core.lora_file import clear_lora_cache
+from . import host
 
 logger = logging.getLogger("plora")
+
+
+_REGISTERED: list = []  # clear() callables of the glue's module-level caches
+
+
+def register_cache(clear) -> None:
+    """Have `clear()` called whenever the pack's caches are released (a module-level cache's own clear)."""
+    if clear not in _REGISTERED:
+        _REGISTERED.append(clear)
 
 
 def release_caches(unload: bool = True) -> None:
     """Empty the pack's caches; with `unload`, also move live encoders off the accelerator."""
     clear_lora_cache()
+    for clear in list(_REGISTERED):
+        clear()
     if unload:
         release_encoders()
     else:
@@ -60,7 +73,7 @@ def install_memory_hooks() -> None:
 
     Wrapped once per process; every copy of the pack that is imported adds its own release.
     """
-    import comfy.model_management as mm
+    mm = host.model_management()
 
     for attribute, wrap in (("unload_all_models", _wrap_unload_all_models), ("free_memory", _wrap_free_memory)):
         current = getattr(mm, attribute)
