@@ -33,6 +33,16 @@ def _log1p(x):
 
 
 @triton.jit
+def _row_block(f_row, d_row, c0, cols0, C, F_PAD: tl.constexpr):
+    """(in range, F, D) of one channel block of the rows, in float32; F padded with F_PAD, D with 0."""
+    cols = c0 + cols0
+    ok = cols[None, :] < C
+    f = tl.load(f_row + cols[None, :], mask=ok, other=F_PAD).to(tl.float32)
+    d = tl.load(d_row + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    return ok, f, d
+
+
+@triton.jit
 def parts_kernel(F, D, P, R, C, sf, sdk, sdr, N: tl.constexpr, CRIT: tl.constexpr, K: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, EXP_LIMIT: tl.constexpr):
     """Per-token parts of criterion CRIT for N deltas over a block of BLOCK_R rows (see `fused_gate`)."""
@@ -61,10 +71,7 @@ def parts_kernel(F, D, P, R, C, sf, sdk, sdr, N: tl.constexpr, CRIT: tl.constexp
             t = zero
             d_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
             for c0 in range(0, C, BLOCK_C):
-                cols = c0 + cols0
-                ok = cols[None, :] < C
-                f = tl.load(f_row + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
-                d = tl.load(d_row + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+                ok, f, d = _row_block(f_row, d_row, c0, cols0, C, float("-inf"))
                 t += tl.sum(tl.exp(f - m[:, None]) * d, axis=1)
                 d_max = tl.maximum(d_max, tl.max(tl.where(ok, d, float("-inf")), axis=1))
             mean = t / s
@@ -73,10 +80,7 @@ def parts_kernel(F, D, P, R, C, sf, sdk, sdr, N: tl.constexpr, CRIT: tl.constexp
             a = zero
             b = zero
             for c0 in range(0, C, BLOCK_C):
-                cols = c0 + cols0
-                ok = cols[None, :] < C
-                f = tl.load(f_row + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
-                d = tl.load(d_row + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+                ok, f, d = _row_block(f_row, d_row, c0, cols0, C, float("-inf"))
                 e = tl.exp(f - m[:, None])
                 v = tl.where(ok, d - centre[:, None], 0.0)
                 phi = _phi(v)
@@ -91,10 +95,7 @@ def parts_kernel(F, D, P, R, C, sf, sdk, sdr, N: tl.constexpr, CRIT: tl.constexp
                 a_js = (a + r) / s
                 js = zero
                 for c0 in range(0, C, BLOCK_C):
-                    cols = c0 + cols0
-                    ok = cols[None, :] < C
-                    f = tl.load(f_row + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
-                    d = tl.load(d_row + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+                    ok, f, d = _row_block(f_row, d_row, c0, cols0, C, float("-inf"))
                     e = tl.exp(f - m[:, None])
                     v = tl.where(ok, d - centre[:, None], 0.0)
                     tt = (_phi(v) + v - a_js[:, None]) / (1.0 + a_js[:, None])
@@ -108,10 +109,7 @@ def parts_kernel(F, D, P, R, C, sf, sdk, sdr, N: tl.constexpr, CRIT: tl.constexp
             fd = zero
             dd = zero
             for c0 in range(0, C, BLOCK_C):
-                cols = c0 + cols0
-                ok = cols[None, :] < C
-                f = tl.load(f_row + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-                d = tl.load(d_row + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+                ok, f, d = _row_block(f_row, d_row, c0, cols0, C, 0.0)
                 fd += tl.sum(f * d, axis=1)
                 if CRIT == 2:
                     ff += tl.sum(f * f, axis=1)

@@ -17,20 +17,14 @@ import torch
 # process with TRITON_INTERPRET=1 set from its start (Triton reads it when it is imported).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from support.host_support import (attention_paths, module_shapes, sample, sd15_conditioning, tiny_sd15,  # noqa: E402
-                          write_kohya_lora, write_peft_lora)
+from support.host_support import sample, sd15_conditioning, tiny_sd15_with_pair  # noqa: E402
 
 STEPS = 4
 
 
 @pytest.fixture
 def pair_and_model(tmp_path, pack):
-    model = tiny_sd15()
-    attention = attention_paths(model)
-    subject = write_kohya_lora(tmp_path / "dog.safetensors", module_shapes(model, attention))
-    style = write_peft_lora(tmp_path / "watercolour.safetensors", model, module_shapes(model, attention))
-    pair, _ = pack.nodes.LoadSubjectStyleLoRA().load(str(subject), 1.0, str(style), 1.0)
-    return model, pair, attention
+    return tiny_sd15_with_pair(pack, tmp_path)
 
 
 def _run(pack, model, pair, criterion="kl", **kwargs):

@@ -11,16 +11,12 @@ import copy
 import comfy.model_management
 import pytest
 import torch
-from support.host_support import attention_paths, module_shapes, sample, tiny_sd15, write_kohya_lora, write_peft_lora
+from support.host_support import sample, tiny_sd15_with_pair
 
 
 @pytest.fixture
 def gated(tmp_path, pack):
-    model = tiny_sd15()
-    paths = attention_paths(model)
-    subject = write_kohya_lora(tmp_path / "subject.safetensors", module_shapes(model, paths))
-    style = write_peft_lora(tmp_path / "style.safetensors", model, module_shapes(model, paths))
-    pair, _ = pack.nodes.LoadSubjectStyleLoRA().load(str(subject), 1.0, str(style), 1.0)
+    model, pair, paths = tiny_sd15_with_pair(pack, tmp_path)
     return model, pack.nodes.PLoRAModelPatcher().patch(model, pair, "kl", 1.0, 0.0, 1.0)[0], paths
 
 

@@ -178,3 +178,13 @@ def tiny_vae(seed: int = 0, latent_channels: int = 4):
     _randomise(vae.first_stage_model, seed, scale=0.1)
     vae.latent_channels = latent_channels
     return vae
+
+
+def tiny_sd15_with_pair(pack, folder: Path):
+    """(tiny SD1.5, a LoRA pair on all its attention projections: kohya subject, peft style, attention paths)."""
+    model = tiny_sd15()
+    attention = attention_paths(model)
+    subject = write_kohya_lora(folder / "subject.safetensors", module_shapes(model, attention))
+    style = write_peft_lora(folder / "style.safetensors", model, module_shapes(model, attention))
+    pair, _ = pack.nodes.LoadSubjectStyleLoRA().load(str(subject), 1.0, str(style), 1.0)
+    return model, pair, attention
