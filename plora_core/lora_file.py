@@ -262,16 +262,25 @@ def read_lora_file(path: str, label: str | None = None, should_stop=None) -> Lor
     if cached is not None:
         return cached if cached.label == label else LoraFile(cached.path, cached.tensors, cached.metadata, label,
                                                              cached.version)
+    stops: list[BaseException] = []
+
+    def stop() -> None:
+        try:
+            should_stop()
+        except BaseException as stopped:
+            stops.append(stopped)
+            raise
+
     try:
         if kind == "safetensors":
-            tensors, metadata = _read_safetensors(path, label, should_stop)
+            tensors, metadata = _read_safetensors(path, label, stop if should_stop is not None else None)
         else:
             tensors, metadata = _read_pickle(path, label)
     except LoraFileError:
         raise
     except Exception as error:  # safetensors and torch raise several types for a damaged file
-        if should_stop is not None:
-            should_stop()  # an interruption is not a damaged file
+        if error in stops:
+            raise  # an interruption, not a damaged file
         raise LoraFileError(
             f"LoRA file {label} could not be read ({type(error).__name__}: {scrub(str(error), path, label)}). "
             "It is probably truncated or not a LoRA file; download or export it again."
