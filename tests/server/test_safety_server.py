@@ -388,8 +388,6 @@ def test_loras_with_non_utf8_names_are_named_escaped_and_the_worker_survives(ser
     _, kind, message = node_error(server, broken)
     assert kind == "plora.LoraFileError" and f"{BROKEN_SHOWN} could not be read" in message, message
     assert str(places["base"]) not in message
-    assert lora_info(server, BROKEN)[1]["error"].startswith(BROKEN_SHOWN)
-    assert lora_info(server, CAFE)[1]["name"] == CAFE_SHOWN
     still_works(server, 1)
 
 
