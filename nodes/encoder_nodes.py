@@ -13,7 +13,7 @@ import os
 import torch
 
 from ..plora_core.encoders import ImageEncoder, load_dino_encoder, load_open_clip_encoder
-from ..plora_core.lora_file import regular_file_stat
+from ..plora_core.lora_file import regular_file_stat, scrub, shown_name
 from . import host
 from .input_checks import register_object_type
 from .trainable_copy import copy_tensors_as_saved, frozen_normal_copy
@@ -69,7 +69,8 @@ def _is_open_clip_config(path: str) -> bool:
         with open(path, encoding="utf-8") as handle:
             config = json.load(handle)
     except (OSError, ValueError) as error:  # ValueError: bad JSON or not UTF-8
-        logger.debug("models/open_clip: %s is not a JSON model config (%s)", os.path.basename(path), error)
+        name = shown_name(os.path.basename(path))
+        logger.debug("models/open_clip: %s is not a JSON model config (%s)", name, scrub(str(error), path, name))
         config = None
     if isinstance(config, dict) and "embed_dim" in config and isinstance(config.get("vision_cfg"), dict):
         return True
