@@ -297,8 +297,8 @@ def read_lora_file(path: str, label: str | None = None, should_stop=None) -> Lor
 def read_header(path: str, label: str | None = None) -> tuple[dict[str, tuple], dict[str, str]]:
     """{key: shape} and metadata of a .safetensors/.sft file without reading its tensors.
 
-    The JSON header is parsed here (8-byte length, then at most HEADER_LIMIT bytes): one parse, any file
-    name, no per-tensor calls into the reader (a header of 200,000 keys reads in a fraction of a second).
+    The header's length is checked first (at most HEADER_LIMIT bytes); a file whose name is not valid UTF-8
+    (which safetensors' reader does not open) has its JSON header parsed here.
     """
     label = label or shown_name(os.path.basename(path))
     if file_kind(path) != "safetensors" or regular_file_stat(path) is None:
@@ -308,6 +308,8 @@ def read_header(path: str, label: str | None = None) -> tuple[dict[str, tuple], 
             length = int.from_bytes(handle.read(8), "little")
             if length > HEADER_LIMIT or length < 2:
                 raise ValueError(f"header length {length} is not between 2 and {HEADER_LIMIT} bytes")
+            if is_utf8_path(path):
+                return _safetensors_header(path)
             raw = handle.read(length)
         if len(raw) != length:
             raise ValueError(f"the file ends inside its header ({len(raw)} of {length} bytes)")
@@ -318,10 +320,18 @@ def read_header(path: str, label: str | None = None) -> tuple[dict[str, tuple], 
         shapes = {key: _shape(entry) for key, entry in header.items()}
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise ValueError("__metadata__ is not a map of strings")
-    except (OSError, ValueError, TypeError) as error:  # damaged headers raise several types
+    except Exception as error:  # damaged headers raise several types (safetensors: its own SafetensorError)
         raise LoraFileError(f"{label} could not be read ({type(error).__name__}: "
                             f"{scrub(str(error), path, label)}).") from error
     return shapes, dict(metadata)
+
+
+def _safetensors_header(path: str) -> tuple[dict[str, tuple], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt", device="cpu") as handle:
+        metadata = handle.metadata() or {}
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}, dict(metadata)
 
 
 def _shape(entry) -> tuple[int, ...]:
