@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..plora_core.image_grid import labelled_grid
+from . import host
 
 DEFAULT_LABELS = "Direct merge\nPFK only (KL gate)\nPMK only (guidance)\nP-LoRA (PFK + PMK)"
 
@@ -27,4 +28,4 @@ class PLoRAComparisonGrid:
 
     def draw(self, images, labels, columns):
         lines = [line.strip() for line in labels.splitlines()] if labels.strip() else []
-        return (labelled_grid(images, lines, columns),)
+        return (labelled_grid(images, lines, columns, should_stop=host.stop_if_interrupted),)

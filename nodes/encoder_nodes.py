@@ -13,8 +13,9 @@ import os
 import torch
 
 from ..plora_core.encoders import ImageEncoder, load_dino_encoder, load_open_clip_encoder
-from ..plora_core.lora_file import regular_file_stat
+from ..plora_core.lora_file import regular_file_stat, scrub, shown_name
 from . import host
+from .input_checks import register_object_type
 from .trainable_copy import copy_tensors_as_saved, frozen_normal_copy
 
 logger = logging.getLogger("plora")
@@ -22,6 +23,8 @@ logger = logging.getLogger("plora")
 ENCODER_TYPE = "PLORA_ENCODER"
 CLIP_FOLDER = "open_clip"
 DINO_FOLDER = "dino"
+register_object_type(ENCODER_TYPE, ImageEncoder, "Load P-LoRA CLIP Encoder, Load P-LoRA DINO Encoder or "
+                     "P-LoRA Encoder from CLIP Vision")
 _PRECISIONS = ["auto", "fp32", "fp16", "bf16"]
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DEFAULT_ARCHITECTURES = ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-quickgelu", "ViT-H-14", "ViT-bigG-14"]
@@ -66,7 +69,8 @@ def _is_open_clip_config(path: str) -> bool:
         with open(path, encoding="utf-8") as handle:
             config = json.load(handle)
     except (OSError, ValueError) as error:  # ValueError: bad JSON or not UTF-8
-        logger.debug("models/open_clip: %s is not a JSON model config (%s)", os.path.basename(path), error)
+        name = shown_name(os.path.basename(path))
+        logger.debug("models/open_clip: %s is not a JSON model config (%s)", name, scrub(str(error), path, name))
         config = None
     if isinstance(config, dict) and "embed_dim" in config and isinstance(config.get("vision_cfg"), dict):
         return True
@@ -117,6 +121,7 @@ class LoadPLoRACLIPEncoder:
             }
         }
 
+    FILE_INPUTS = ("checkpoint",)  # a name in models/open_clip: found (or refused) by the loader
     RETURN_TYPES = (ENCODER_TYPE,)
     RETURN_NAMES = ("clip_encoder",)
     OUTPUT_TOOLTIPS = ("A differentiable CLIP image encoder for the PosteriorMetricGuidanceSampler.",)
@@ -130,7 +135,7 @@ class LoadPLoRACLIPEncoder:
         register_custom_architectures()
         device, dtype = device_and_dtype(precision)
         return (load_open_clip_encoder(architecture, path, device, dtype,
-                                       label=host.model_name(CLIP_FOLDER, checkpoint)),)
+                                       label=host.model_label(CLIP_FOLDER, checkpoint)),)
 
 
 class LoadPLoRADINOEncoder:
@@ -143,6 +148,7 @@ class LoadPLoRADINOEncoder:
             }
         }
 
+    FILE_INPUTS = ("model_folder",)  # a folder in models/dino: found (or refused) by the loader
     RETURN_TYPES = (ENCODER_TYPE,)
     RETURN_NAMES = ("dino_encoder",)
     OUTPUT_TOOLTIPS = ("A differentiable DINO image encoder for the PosteriorMetricGuidanceSampler.",)
@@ -153,7 +159,7 @@ class LoadPLoRADINOEncoder:
     def load(self, model_folder, precision):
         path = host.resolve_model_dir(DINO_FOLDER, model_folder)
         device, dtype = device_and_dtype(precision)
-        return (load_dino_encoder(path, device, dtype, label=host.model_name(DINO_FOLDER, model_folder)),)
+        return (load_dino_encoder(path, device, dtype, label=host.model_label(DINO_FOLDER, model_folder)),)
 
 
 class ClipVisionImageEncoder(ImageEncoder):

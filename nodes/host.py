@@ -15,12 +15,13 @@ import torch
 
 import comfy.lora
 import comfy.lora_convert
+import comfy.model_management
 import comfy.patcher_extension
 import comfy.sd
 import comfy.utils
 import folder_paths
 
-from ..plora_core.lora_file import regular_file_stat
+from ..plora_core.lora_file import regular_file_stat, shown_name
 
 logger = logging.getLogger("plora")
 
@@ -193,7 +194,13 @@ def model_folders(kind: str) -> list[str]:
 
 
 def _not_found(kind: str, name: str) -> FileNotFoundError:
-    return FileNotFoundError(f"Model in folder '{kind}' with filename '{name}' not found.")
+    return FileNotFoundError(f"Model in folder '{kind}' with filename '{shown_name(name)}' not found.")
+
+
+def model_label(kind: str, name: str) -> str:
+    """The name messages and logs use for a model file: `model_name`, with the bytes of a name that is not
+    valid UTF-8 escaped (plora_core.lora_file.shown_name)."""
+    return shown_name(model_name(kind, name))
 
 
 def model_name(kind: str, name: str) -> str:
@@ -361,3 +368,11 @@ def add_outer_sample_wrapper(model_patcher, key: str, wrapper) -> None:
     `executor.class_obj`, the KSAMPLER and the run's sigmas.
     """
     model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, wrapper)
+
+
+# ---------------------------------------------------------------- interruption
+
+def stop_if_interrupted() -> None:
+    """Raise ComfyUI's InterruptProcessingException when the user pressed Cancel (/interrupt); the pack's
+    long loops in plora_core take it as their `should_stop` callback."""
+    comfy.model_management.throw_exception_if_processing_interrupted()

@@ -6,12 +6,14 @@ import logging
 
 from ..plora_core.lora_file import LoraFile, LoraFileError, read_lora_file
 from . import host
+from .input_checks import register_object_type
 from .lora_pair import LoraChoice, SubjectStyleLoras
 from .lora_mapping import is_text_encoder_key, split_by_key_map
 
 logger = logging.getLogger("plora")
 
 PAIR_TYPE = "PLORA_PAIR"
+register_object_type(PAIR_TYPE, SubjectStyleLoras, "Load Subject + Style LoRA (P-LoRA)")
 _STRENGTH = {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}
 
 
@@ -28,7 +30,8 @@ def apply_text_encoder_parts(clip, pair: SubjectStyleLoras):
 
 def read_lora(name: str) -> LoraFile:
     """A LoRA named as in models/loras (only there), read and cached; messages use that name."""
-    return read_lora_file(host.resolve_lora_path(name), label=host.model_name("loras", name))
+    return read_lora_file(host.resolve_lora_path(name), label=host.model_label("loras", name),
+                          should_stop=host.stop_if_interrupted)
 
 
 def check_has_diffusion_part(choice: LoraChoice, role: str) -> None:
@@ -60,6 +63,7 @@ class LoadSubjectStyleLoRA:
             },
         }
 
+    FILE_INPUTS = ("subject_lora", "style_lora")  # names in models/loras: found (or refused) by the loader
     RETURN_TYPES = (PAIR_TYPE, "CLIP")
     RETURN_NAMES = ("lora_pair", "clip")
     OUTPUT_TOOLTIPS = (

@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from ..plora_core.image_preprocess import to_nchw
-from ..plora_core.paper_metrics import METRICS, format_table, paper_scores
+from ..plora_core.paper_metrics import LABELS, METRICS, format_table, paper_scores
+from . import host
 from .encoder_nodes import ENCODER_TYPE
 
 logger = logging.getLogger("plora")
 
 SCORES_UI_KEY = "plora_scores"  # per-image numbers in the node's ui output (scripts/evaluate.py reads them)
+
+
+def check_finite_scores(scores) -> None:
+    """Refuse NaN or infinite scores: they would go into the node's UI output, and NaN is not JSON (the
+    server's /history would stop parsing in every browser)."""
+    for index, row in enumerate(scores.per_image()):
+        broken = [LABELS[name] for name, value in row.items() if not math.isfinite(value)]
+        if broken:
+            raise ValueError(
+                f"PLoRAScore: image {index} scores NaN or infinite for {', '.join(broken)}: an encoder gave "
+                "non-finite embeddings (e.g. it overflowed in fp16). Load the encoders with precision fp32, or "
+                "check that the images and references hold finite values."
+            )
 
 
 class PLoRAScore:
@@ -45,7 +60,8 @@ class PLoRAScore:
 
     def score(self, images, subject_reference, style_reference, clip_encoder, dino_encoder):
         scores = paper_scores(to_nchw(images), to_nchw(subject_reference), to_nchw(style_reference),
-                              clip_encoder, dino_encoder)
+                              clip_encoder, dino_encoder, should_stop=host.stop_if_interrupted)
+        check_finite_scores(scores)
         table = format_table(scores)
         means = scores.means()
         logger.info("P-LoRA scores:\n%s", table)

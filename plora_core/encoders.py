@@ -34,7 +34,8 @@ from collections.abc import Sequence
 import torch
 
 from .image_preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
-from .lora_file import GIB, SizedCache, file_kind, is_torchscript_archive, regular_file_stat, scrub
+from .lora_file import (GIB, SizedCache, file_kind, is_torchscript_archive, is_utf8_path, read_safetensors_bytes,
+                        regular_file_stat, scrub, shown_name)
 
 logger = logging.getLogger("plora")
 
@@ -183,7 +184,7 @@ def load_open_clip_encoder(architecture: str, checkpoint_path: str, device: torc
     `label` is the name messages use (the name in models/open_clip); by default the file name.
     """
     path = os.path.abspath(os.fspath(checkpoint_path))
-    label = label or os.path.basename(path)
+    label = label or shown_name(os.path.basename(path))
     info = regular_file_stat(path)
     if info is None:
         raise EncoderLoadError(
@@ -201,10 +202,11 @@ def _build_open_clip(architecture: str, path: str, label: str, device, dtype,
                      pretrained_tag: str | None) -> ImageEncoder:
     import open_clip
 
-    if architecture not in open_clip.list_models() or open_clip.get_model_config(architecture) is None:
+    if not isinstance(architecture, str) or architecture not in open_clip.list_models() \
+            or open_clip.get_model_config(architecture) is None:
         close = difflib.get_close_matches(str(architecture), open_clip.list_models(), n=5)
         raise EncoderLoadError(
-            f"Unknown open_clip architecture {architecture!r} for CLIP checkpoint {label}; "
+            f"Unknown open_clip architecture {shown_name(architecture)[:100]!r} for CLIP checkpoint {label}; "
             f"use a name from open_clip.list_models(){', e.g. ' + ', '.join(close) if close else ''}."
         )
     tag_cfg = _open_clip_tag_config(open_clip, architecture, pretrained_tag, label)
@@ -212,9 +214,10 @@ def _build_open_clip(architecture: str, path: str, label: str, device, dtype,
     quick_gelu = torchscript or bool(tag_cfg.get("quick_gelu"))
     with torch.inference_mode(False):
         try:
-            state_dict = _read_clip_state_dict(path, label, torchscript)
+            weights = _visual_weights(_read_clip_state_dict(path, label, torchscript), label)
+            check_visual_shapes(open_clip, architecture, weights, label)  # before the (maybe huge) build
             visual = _open_clip_visual(open_clip, architecture, quick_gelu)
-            _load_visual_weights(visual, state_dict)
+            _load_visual_weights(visual, weights)
         except EncoderLoadError:
             raise
         except Exception as err:  # open_clip/torch raise RuntimeError, KeyError, ... on a wrong file
@@ -232,7 +235,7 @@ def _build_open_clip(architecture: str, path: str, label: str, device, dtype,
     mean = tag_cfg.get("mean") or open_clip.OPENAI_DATASET_MEAN
     std = tag_cfg.get("std") or open_clip.OPENAI_DATASET_STD
     logger.info("Loaded CLIP image encoder %s from %s (size %s, mean %s, std %s, quick_gelu %s)",
-                architecture, path, size, mean, std, quick_gelu)
+                architecture, label, size, mean, std, quick_gelu)
     return OpenClipImageEncoder(visual, name=f"open_clip {architecture} ({label})", image_size=size, mean=mean,
                                 std=std, device=device, dtype=dtype)
 
@@ -246,15 +249,69 @@ def _open_clip_visual(open_clip, architecture: str, quick_gelu: bool) -> torch.n
                                quick_gelu=bool(config.get("quick_gelu")) or quick_gelu, cast_dtype=None)
 
 
-def _load_visual_weights(visual: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """The checkpoint's `visual.*` tensors into the image tower, strictly."""
+def _visual_weights(state_dict: dict[str, torch.Tensor], label: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's `visual.*` tensors, named as in the image tower."""
     if isinstance(state_dict.get("state_dict"), dict):
         state_dict = state_dict["state_dict"]
     if state_dict and next(iter(state_dict)).startswith("module."):
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
     weights = {k[len("visual."):]: v for k, v in state_dict.items() if k.startswith("visual.")}
     if not weights:
-        raise EncoderLoadError("no image-tower ('visual.*') weights in the file")
+        raise EncoderLoadError(f"CLIP checkpoint {label} holds no image-tower ('visual.*') weights; pick an open_clip "
+                               "or OpenAI CLIP checkpoint (image and text towers).")
+    return weights
+
+
+def vit_shape(config: dict) -> dict | None:
+    """{width, layers, patch, embed_dim} of a plain open_clip ViT config (None for ResNet/timm towers)."""
+    vision = config.get("vision_cfg") or {}
+    layers, patch = vision.get("layers", 12), vision.get("patch_size", 16)
+    if vision.get("timm_model_name") or not isinstance(layers, int) or not isinstance(patch, int):
+        return None
+    return {"width": vision.get("width", 768), "layers": layers, "patch": patch, "embed_dim": config.get("embed_dim")}
+
+
+def checkpoint_vit_shape(weights: dict[str, torch.Tensor]) -> dict | None:
+    """The same numbers read off a checkpoint's image-tower tensors (None when it is not a ViT tower)."""
+    conv = weights.get("conv1.weight")
+    if conv is None or conv.ndim != 4:
+        return None
+    blocks = {key.split(".")[2] for key in weights if key.startswith("transformer.resblocks.")}
+    proj = weights.get("proj")
+    return {"width": int(conv.shape[0]), "layers": len(blocks), "patch": int(conv.shape[-1]),
+            "embed_dim": int(proj.shape[1]) if proj is not None and proj.ndim == 2 else None}
+
+
+def _describe(shape: dict) -> str:
+    return f"width {shape['width']}, {shape['layers']} layers, patch {shape['patch']}, embedding {shape['embed_dim']}"
+
+
+def check_visual_shapes(open_clip, architecture: str, weights: dict[str, torch.Tensor], label: str) -> None:
+    """Refuse a checkpoint whose ViT image tower is not the architecture's, from open_clip's model config
+    alone: nothing is built, so choosing ViT-bigG-14 for a ViT-B-32 file costs no GBs."""
+    expected = vit_shape(open_clip.get_model_config(architecture) or {})
+    found = checkpoint_vit_shape(weights)
+    if expected is None or found is None:
+        return  # ResNet / timm towers: the strict load after the build names the mismatch
+    if expected["embed_dim"] is None or found["embed_dim"] is None:
+        expected, found = {**expected, "embed_dim": None}, {**found, "embed_dim": None}
+    if expected == found:
+        return
+    known = {key: value for key, value in found.items() if value is not None}
+    fitting = [name for name in open_clip.list_models()
+               if (vit_shape(open_clip.get_model_config(name) or {}) or {}).items() >= known.items()]
+    hint = f"architectures of that shape: {', '.join(fitting[:6])}" if fitting else \
+        "no known architecture has that shape; put its <Name>.json open_clip config in models/open_clip"
+    raise EncoderLoadError(
+        f"CLIP checkpoint {label} does not fit open_clip architecture {architecture!r}: the file's image tower "
+        f"has {_describe(found)}, {architecture} has {_describe(expected)}. Pick the architecture the file was "
+        f"trained as ({hint})."
+    )
+
+
+def _load_visual_weights(visual: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """The checkpoint's image-tower tensors (`_visual_weights`) into the image tower, strictly."""
+    weights = dict(weights)
     persistent = visual.state_dict().keys()
     for name, _ in visual.named_buffers():  # a TorchScript archive also stores non-persistent buffers
         if name not in persistent:
@@ -266,7 +323,7 @@ def _read_clip_state_dict(path: str, label: str, torchscript: bool) -> dict[str,
     if file_kind(path) == "safetensors":
         from safetensors.torch import load_file
 
-        return load_file(path, device="cpu")
+        return load_file(path, device="cpu") if is_utf8_path(path) else read_safetensors_bytes(path, label)
     if torchscript:
         state_dict = read_torchscript_tensors(path, label)
         for key in _OPENAI_JIT_EXTRAS:
@@ -409,7 +466,7 @@ def load_dino_encoder(folder: str, device: torch.device | str = "cpu",
     sockets are refused before anything is opened). `label` is the name messages use.
     """
     folder = os.path.abspath(os.fspath(folder))
-    label = label or os.path.basename(folder)
+    label = label or shown_name(os.path.basename(folder))
     try:
         is_dir = stat.S_ISDIR(os.stat(folder).st_mode)
     except (OSError, ValueError):
@@ -419,6 +476,9 @@ def load_dino_encoder(folder: str, device: torch.device | str = "cpu",
             f"DINO folder {label} not found; download a DINO model folder (config.json, model.safetensors, "
             "preprocessor_config.json; e.g. facebook/dino-vits16 or facebook/dinov2-small) into models/dino."
         )
+    if not is_utf8_path(folder):
+        raise EncoderLoadError(f"DINO folder {label}: its name is not valid UTF-8 (the bytes shown escaped), which "
+                               "the model reader cannot open; rename the folder in models/dino (e.g. to ASCII).")
     mtime = _check_folder_files(folder, label)
     model_type = _hf_model_type(folder, label)
     key = ("dino", folder, mtime, model_type, str(torch.device(device)), dtype)
@@ -436,19 +496,20 @@ def _check_folder_files(folder: str, label: str) -> float:
         try:
             info = os.stat(path)
         except OSError:
-            raise EncoderLoadError(f"DINO folder {label}: {entry} cannot be read (a broken link?).") from None
+            raise EncoderLoadError(f"DINO folder {label}: {shown_name(entry)} cannot be read (a broken "
+                                   "link?).") from None
         if stat.S_ISREG(info.st_mode):
             newest = max(newest, info.st_mtime)
         elif not stat.S_ISDIR(info.st_mode):
-            raise EncoderLoadError(f"DINO folder {label}: {entry} is not a regular file; remove it.")
+            raise EncoderLoadError(f"DINO folder {label}: {shown_name(entry)} is not a regular file; remove it.")
         if entry.endswith(".index.json") and stat.S_ISREG(info.st_mode):
             with open(path, encoding="utf-8") as handle:
                 shards = set((json.load(handle).get("weight_map") or {}).values())
             for shard in shards:
                 if not isinstance(shard, str) or os.path.basename(shard) != shard \
                         or regular_file_stat(os.path.join(folder, shard)) is None:
-                    raise EncoderLoadError(f"DINO folder {label}: {entry} names a weights file that is not in "
-                                           "the folder; download the model folder again.")
+                    raise EncoderLoadError(f"DINO folder {label}: {shown_name(entry)} names a weights file that is "
+                                           "not in the folder; download the model folder again.")
     return newest
 
 
@@ -478,7 +539,7 @@ def _build_dino(folder: str, label: str, model_type: str, device, dtype) -> Imag
             model, info = AutoModel.from_pretrained(folder, local_files_only=True, output_loading_info=True, **extra)
         except (OSError, RuntimeError, ValueError) as err:
             raise EncoderLoadError(
-                f"DINO folder {label} could not be loaded ({str(err).replace(folder, label)}); "
+                f"DINO folder {label} could not be loaded ({scrub(str(err), folder, label)}); "
                 "it needs config.json and matching weights (model.safetensors or pytorch_model.bin)."
             ) from err
         missing = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))
@@ -492,7 +553,7 @@ def _build_dino(folder: str, label: str, model_type: str, device, dtype) -> Imag
     model_size = getattr(model.config, "image_size", size)
     interpolate = model_type == "vit" and model_size != size  # DINOv2 always interpolates
     logger.info("Loaded DINO image encoder %s from %s (crop %s, resize %s, mean %s, std %s)",
-                model_type, folder, size, resize_size, mean, std)
+                model_type, label, size, resize_size, mean, std)
     return DinoImageEncoder(model, interpolate, name=f"{model_type} ({label})", image_size=size,
                             resize_size=resize_size, mean=mean, std=std, device=device, dtype=dtype)
 
@@ -510,7 +571,8 @@ def _dino_preprocess_settings(folder: str) -> tuple[int, int, tuple, tuple]:
     """(crop size, shorter-side resize, mean, std) from preprocessor_config.json, else 224 and ImageNet stats."""
     path = os.path.join(folder, "preprocessor_config.json")
     if regular_file_stat(path) is None:
-        logger.info("DINO folder %s has no preprocessor_config.json; using 224 px and ImageNet mean/std", folder)
+        logger.info("DINO folder %s has no preprocessor_config.json; using 224 px and ImageNet mean/std",
+                    shown_name(os.path.basename(folder)))
         return 224, 224, IMAGENET_MEAN, IMAGENET_STD
     with open(path, encoding="utf-8") as handle:
         cfg = json.load(handle)

@@ -53,6 +53,8 @@ def to_nchw(images: torch.Tensor, layout: str = "bhwc") -> torch.Tensor:
 def resize_shorter_side(images: torch.Tensor, size: int) -> torch.Tensor:
     """[B, C, H, W] -> [B, C, H', W'] with min(H', W') == size, aspect kept, bicubic with antialias."""
     height, width = images.shape[-2:]
+    if min(height, width) < 1:
+        raise ValueError(f"Cannot resize an image of size {height} x {width}: connect an image with pixels.")
     scale = size / min(height, width)
     new_size = (max(size, round(height * scale)), max(size, round(width * scale)))
     if new_size == (height, width):

@@ -4,7 +4,9 @@ Only regular files are opened (never a FIFO, a device or a directory: those woul
 mislead the reader), safetensors files (`.safetensors`, `.sft`) through safetensors and
 PyTorch pickles (`.pt`, `.pth`, `.ckpt`, `.bin`) only through `torch.load(weights_only=True)`;
 any other file is refused without being read. Error messages name the file by the name the
-caller gives (the name in ComfyUI's model folder), never by its path on the server.
+caller gives (the name in ComfyUI's model folder), never by its path on the server, and with the
+bytes of a name that is not valid UTF-8 escaped (`shown_name`): a lone surrogate in a message or
+log line kills the log writer of the server that prints it. Such files are still read.
 
 Parsed files are cached at module level keyed by (path, modification time, size), so a node
 that runs again on the same files does not read them again, and an edited file is read anew.
@@ -29,6 +31,7 @@ import torch
 logger = logging.getLogger("plora")
 
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
+HEADER_LIMIT = 100 * 1024 ** 2  # safetensors' own limit on the JSON header
 PICKLE_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin")
 GIB = 1024 ** 3
 
@@ -124,6 +127,25 @@ def clear_lora_cache() -> None:
     LORA_CACHE.clear()
 
 
+def shown_name(name) -> str:
+    """`name` safe to print: the bytes of a file name that is not valid UTF-8 (lone surrogates in the str,
+    e.g. from an unzipped Latin-1 or CP932 archive) written as escapes: b'caf\\xe9' -> 'caf\\xe9'."""
+    name = str(name)
+    try:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+    except UnicodeError:  # a surrogate that no file name decodes to (e.g. '\\ud800' from JSON)
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def is_utf8_path(path: str) -> bool:
+    """True when `path` encodes to UTF-8 as it is (safetensors' Rust reader takes no other path)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeError:
+        return False
+    return True
+
+
 def regular_file_stat(path: str) -> os.stat_result | None:
     """os.stat of `path` when it is a regular file (symlinks followed), else None.
 
@@ -155,20 +177,48 @@ def file_kind(path: str) -> str | None:
     return None
 
 
+def _spellings(path: str) -> list[str]:
+    """How a library may print `path`: as given, escaped, or with U+FFFD for the bytes that are not UTF-8."""
+    escaped = shown_name(path)
+    replaced = os.fsencode(path).decode("utf-8", "replace") if path else path
+    return sorted({path, escaped, replaced, repr(path)[1:-1]}, key=len, reverse=True)
+
+
 def scrub(text: str, path: str, label: str) -> str:
-    """A library's error text with the file's server path (and its folder) replaced by its name."""
+    """A library's error text with the file's server path (and its folder) replaced by its name, safe to
+    print (see `shown_name`)."""
     folder = os.path.dirname(path)
-    text = text.replace(path, label)
-    return text.replace(folder + os.sep, "").replace(folder, "<model folder>") if folder else text
+    for spelling in _spellings(path):
+        text = text.replace(spelling, label)
+    if folder:
+        for spelling in _spellings(folder):
+            text = text.replace(spelling + os.sep, "").replace(spelling, "<model folder>")
+    return shown_name(text)
 
 
-def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_safetensors(path: str, label: str, should_stop=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata; `should_stop()` between tensors (it raises to abandon the read)."""
     from safetensors import safe_open
 
+    if not is_utf8_path(path):
+        return read_safetensors_bytes(path, label), read_header(path, label)[1]
+    tensors = {}
     with safe_open(path, framework="pt", device="cpu") as handle:
         metadata = handle.metadata() or {}
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        for key in handle.keys():
+            if should_stop is not None:
+                should_stop()
+            tensors[key] = handle.get_tensor(key)
     return tensors, metadata
+
+
+def read_safetensors_bytes(path: str, label: str) -> dict[str, torch.Tensor]:
+    """A safetensors file read through Python's open (any file name the OS takes) and parsed from memory."""
+    from safetensors.torch import load
+
+    with open(path, "rb") as handle:
+        data = handle.read()
+    return load(data)
 
 
 def _read_pickle(path: str, label: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -192,12 +242,14 @@ def check_finite(label: str, tensors: dict[str, torch.Tensor]) -> None:
             )
 
 
-def read_lora_file(path: str, label: str | None = None) -> LoraFile:
+def read_lora_file(path: str, label: str | None = None, should_stop=None) -> LoraFile:
     """Load a .safetensors/.sft (or .pt/.pth/.ckpt/.bin) LoRA, checked, through the module-level cache.
 
-    `label` is the name messages use (the name in models/loras); by default the file name.
+    `label` is the name messages use (the name in models/loras, see `shown_name`); by default the file
+    name. `should_stop()`, when given, is called between tensors and raises to abandon the read (ComfyUI's
+    interruption).
     """
-    label = label or os.path.basename(path)
+    label = label or shown_name(os.path.basename(path))
     kind = file_kind(path)
     if kind is None:
         raise LoraFileError(f"LoRA file {label} is not a .safetensors, .sft, .pt, .pth, .ckpt or .bin file; "
@@ -210,14 +262,25 @@ def read_lora_file(path: str, label: str | None = None) -> LoraFile:
     if cached is not None:
         return cached if cached.label == label else LoraFile(cached.path, cached.tensors, cached.metadata, label,
                                                              cached.version)
+    stops: list[BaseException] = []
+
+    def stop() -> None:
+        try:
+            should_stop()
+        except BaseException as stopped:
+            stops.append(stopped)
+            raise
+
     try:
         if kind == "safetensors":
-            tensors, metadata = _read_safetensors(path)
+            tensors, metadata = _read_safetensors(path, label, stop if should_stop is not None else None)
         else:
             tensors, metadata = _read_pickle(path, label)
     except LoraFileError:
         raise
     except Exception as error:  # safetensors and torch raise several types for a damaged file
+        if error in stops:
+            raise  # an interruption, not a damaged file
         raise LoraFileError(
             f"LoRA file {label} could not be read ({type(error).__name__}: {scrub(str(error), path, label)}). "
             "It is probably truncated or not a LoRA file; download or export it again."
@@ -227,25 +290,56 @@ def read_lora_file(path: str, label: str | None = None) -> LoraFile:
     check_finite(label, tensors)
     lora = LoraFile(path, tensors, dict(metadata), label, key)
     LORA_CACHE.put(key, lora)
-    logger.debug("read LoRA %s (%d tensors)", path, len(tensors))
+    logger.debug("read LoRA %s (%d tensors)", label, len(tensors))
     return lora
 
 
 def read_header(path: str, label: str | None = None) -> tuple[dict[str, tuple], dict[str, str]]:
-    """{key: shape} and metadata of a .safetensors/.sft file without reading its tensors."""
-    from safetensors import safe_open
+    """{key: shape} and metadata of a .safetensors/.sft file without reading its tensors.
 
-    label = label or os.path.basename(path)
+    The header's length is checked first (at most HEADER_LIMIT bytes); a file whose name is not valid UTF-8
+    (which safetensors' reader does not open) has its JSON header parsed here.
+    """
+    label = label or shown_name(os.path.basename(path))
     if file_kind(path) != "safetensors" or regular_file_stat(path) is None:
         raise LoraFileError(f"{label} is not a safetensors file that can be read.")
     try:
-        with safe_open(path, framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    except Exception as error:  # damaged headers raise several types
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if length > HEADER_LIMIT or length < 2:
+                raise ValueError(f"header length {length} is not between 2 and {HEADER_LIMIT} bytes")
+            if is_utf8_path(path):
+                return _safetensors_header(path)
+            raw = handle.read(length)
+        if len(raw) != length:
+            raise ValueError(f"the file ends inside its header ({len(raw)} of {length} bytes)")
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        shapes = {key: _shape(entry) for key, entry in header.items()}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise ValueError("__metadata__ is not a map of strings")
+    except Exception as error:  # damaged headers raise several types (safetensors: its own SafetensorError)
         raise LoraFileError(f"{label} could not be read ({type(error).__name__}: "
                             f"{scrub(str(error), path, label)}).") from error
     return shapes, dict(metadata)
+
+
+def _safetensors_header(path: str) -> tuple[dict[str, tuple], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt", device="cpu") as handle:
+        metadata = handle.metadata() or {}
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}, dict(metadata)
+
+
+def _shape(entry) -> tuple[int, ...]:
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                              for n in shape):
+        raise ValueError(f"a tensor entry has no valid shape: {str(entry)[:80]}")
+    return tuple(shape)
 
 
 def metadata_json(metadata: dict[str, str], key: str):

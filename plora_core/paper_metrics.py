@@ -20,6 +20,7 @@ Images are [B, 3, H, W] in [0, 1] (see `image_preprocess.to_nchw`); any size, th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,13 +53,18 @@ class PaperScores:
         return {name: float(getattr(self, name).mean()) for name in METRICS}
 
 
-def unit_embeddings(encoder: ImageEncoder, images_nchw_01: torch.Tensor) -> torch.Tensor:
+def unit_embeddings(encoder: ImageEncoder, images_nchw_01: torch.Tensor,
+                    should_stop: Callable[[], None] | None = None) -> torch.Tensor:
     """E(images) / |E(images)|: [N, 3, H, W] in [0, 1] -> [N, D] float64 on the CPU (MPS has no
-    float64), no autograd graph."""
+    float64), no autograd graph. `should_stop()` before each chunk raises to abandon the work."""
     if images_nchw_01.shape[0] == 0:
         raise ValueError(f"No images to embed with {encoder.name}: the batch is empty.")
+    chunks = []
     with torch.no_grad():
-        chunks = [encoder.embed(images_nchw_01[i:i + EMBED_CHUNK]) for i in range(0, len(images_nchw_01), EMBED_CHUNK)]
+        for i in range(0, len(images_nchw_01), EMBED_CHUNK):
+            if should_stop is not None:
+                should_stop()
+            chunks.append(encoder.embed(images_nchw_01[i:i + EMBED_CHUNK]))
     return F.normalize(torch.cat(chunks).cpu().double(), dim=-1)  # [N, D]
 
 
@@ -68,13 +74,17 @@ def mean_cosine_to_references(units: torch.Tensor, reference_units: torch.Tensor
 
 
 def paper_scores(images: torch.Tensor, subject_references: torch.Tensor, style_references: torch.Tensor,
-                 clip_encoder: ImageEncoder, dino_encoder: ImageEncoder) -> PaperScores:
-    """Style Sim, CLIP Score and DINO Score (Table 1) of every image; all inputs [N, 3, H, W] in [0, 1]."""
-    clip_images = unit_embeddings(clip_encoder, images)  # [B, D_clip]
-    style_sim = mean_cosine_to_references(clip_images, unit_embeddings(clip_encoder, style_references))
-    clip_score = mean_cosine_to_references(clip_images, unit_embeddings(clip_encoder, subject_references))
-    dino_score = mean_cosine_to_references(unit_embeddings(dino_encoder, images),
-                                           unit_embeddings(dino_encoder, subject_references))
+                 clip_encoder: ImageEncoder, dino_encoder: ImageEncoder,
+                 should_stop: Callable[[], None] | None = None) -> PaperScores:
+    """Style Sim, CLIP Score and DINO Score (Table 1) of every image; all inputs [N, 3, H, W] in [0, 1].
+    `should_stop()` is called between encoder calls (ComfyUI's interruption)."""
+    def embed(encoder, batch):
+        return unit_embeddings(encoder, batch, should_stop)
+
+    clip_images = embed(clip_encoder, images)  # [B, D_clip]
+    style_sim = mean_cosine_to_references(clip_images, embed(clip_encoder, style_references))
+    clip_score = mean_cosine_to_references(clip_images, embed(clip_encoder, subject_references))
+    dino_score = mean_cosine_to_references(embed(dino_encoder, images), embed(dino_encoder, subject_references))
     return PaperScores(style_sim, clip_score, dino_score)
 
 

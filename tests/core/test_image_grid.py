@@ -30,3 +30,38 @@ def test_no_labels_draw_no_strip():
     images = torch.rand(2, 10, 10, 3)
     grid = labelled_grid(images, [], gap=2)
     assert grid.shape == (1, 10, 22, 3)
+
+
+def test_a_long_label_is_cut_with_a_few_measurements_and_fits(monkeypatch):
+    """12,000 characters on a 64 px image: cut by a binary search bounded by what the strip can hold
+    (about log2 of it in measurements), not one character per full re-measure."""
+    from PIL import ImageDraw
+
+    calls, lengths = [], []
+    real = ImageDraw.ImageDraw.textlength
+
+    def counting(self, text, *args, **kwargs):
+        calls.append(1)
+        lengths.append(len(text))
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "textlength", counting)
+    grid = labelled_grid(torch.rand(1, 64, 64, 3), ["label " * 2000], gap=0)
+    assert grid.shape == (1, 64 + 16, 64, 3)
+    assert len(calls) <= 16, len(calls)
+    assert max(lengths) <= 4 * 64, max(lengths)  # never the whole 12,000 characters
+
+
+def test_fitted_text_is_the_longest_prefix_that_fits():
+    from plora_core.image_grid import fitted_text
+
+    def width(text):
+        return 2.0 * len(text)
+
+    assert fitted_text("short", width, 10) == "short"
+    assert fitted_text("abcdefghij", width, 15) == "abcd..."  # 7 characters = 14 px
+    assert fitted_text("abcdefghij" * 1000, width, 15) == "abcd..."
+    assert fitted_text("abcdefghij", width, 5) == ""  # not even the ellipsis fits
+    for room in range(6, 40):
+        shown = fitted_text("x" * 500, width, room)
+        assert width(shown) <= room and width(shown[:-3] + "x...") > room

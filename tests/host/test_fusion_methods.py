@@ -166,7 +166,8 @@ def test_b_lora_on_another_architecture_says_what_to_do(pack, pair_files):
 
 def test_an_unknown_method_is_refused(pack, pair_files):
     model, pair, *_ = pair_files
-    with pytest.raises(ValueError, match="method must be one of p-lora, direct, k-lora, b-lora"):
+    with pytest.raises(ValueError, match=r"PLoRAModelPatcher: input 'method' is 'zip-lora', which is not one of its "
+                                         r"choices \('p-lora', 'direct', 'k-lora', 'b-lora'\)"):
         patch(pack, model, pair, "zip-lora")
 
 

@@ -187,12 +187,12 @@ def test_selection_map_node_draws_the_last_run(setup, pack):
     patched = pack.nodes.PLoRAModelPatcher().patch(model, pair, "kl", 1.0, 0.0, 1.0)[0]
     node = pack.nodes.selection_map_node.PLoRASelectionMap()
     with pytest.raises(ValueError, match="recorded nothing yet"):
-        node.draw(patched, {}, 0, "positive (cond)", 4)
+        node.draw(patched, {"samples": torch.zeros(1, 4, 8, 8)}, 0, "positive (cond)", 4)
     with pytest.raises(ValueError, match="no P-LoRA gate"):
-        node.draw(model, {}, 0, "positive (cond)", 4)
+        node.draw(model, {"samples": torch.zeros(1, 4, 8, 8)}, 0, "positive (cond)", 4)
     sample(patched)
     for cfg_pass in ("positive (cond)", "negative (uncond)"):
-        (image,) = node.draw(patched, {}, 0, cfg_pass, 4)
+        (image,) = node.draw(patched, {"samples": torch.zeros(1, 4, 8, 8)}, 0, cfg_pass, 4)
         assert image.shape == (1, len(attention) * 4, STEPS * 4, 3)
         colours = {tuple(round(v, 2) for v in px.tolist()) for px in image[0, 1::4, 1::4].reshape(-1, 3)}
         assert colours <= {(0.96, 0.58, 0.16), (0.22, 0.47, 0.96)}, "every (step, layer) cell was decided"

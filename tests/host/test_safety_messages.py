@@ -56,13 +56,16 @@ def gated(pack, model_and_files, start, end):
     return pack.nodes.PLoRAModelPatcher().patch(model, pair, "kl", 1.0, start, end)[0]
 
 
+LATENT = {"samples": torch.zeros(1, 4, 8, 8)}  # the sampler's output: only orders the node after sampling
+
+
 def test_an_empty_gate_window_is_said_plainly_and_does_not_fail(pack, model_and_files):
     patched = gated(pack, model_and_files, 0.9, 0.95)  # sigmas 0.34 to 0.18: no step of a 3-step run (14.6, 1.6, 0.03)
     node = pack.nodes.PLoRASelectionMap()
     with pytest.raises(ValueError, match="has not been sampled"):
-        node.draw(patched, {}, 0, "positive (cond)", 4)
+        node.draw(patched, LATENT, 0, "positive (cond)", 4)
     sample(patched, steps=STEPS)
-    out = node.draw(patched, {}, 0, "positive (cond)", 4)
+    out = node.draw(patched, LATENT, 0, "positive (cond)", 4)
     (note,) = out["ui"]["text"]
     assert "gate window" in note and f"held none of the last run's {STEPS} step(s)" in note
     assert "sampler" not in note
@@ -80,11 +83,11 @@ def test_an_image_index_past_the_batch_is_refused(pack, model_and_files):
            positive=[[torch.randn(2, 77, 32), {}]], negative=[[torch.randn(2, 77, 32), {}]])
     node = pack.nodes.PLoRASelectionMap()
     for index in (0, 1):
-        (image,) = node.draw(patched, {}, index, "negative (uncond)", 4)
+        (image,) = node.draw(patched, LATENT, index, "negative (uncond)", 4)
         assert image.shape[2] == STEPS * 4
     with pytest.raises(ValueError, match=r"image_index 2 is past the batch: the last run made 2 image\(s\), "
                                          r"so image_index goes from 0 to 1"):
-        node.draw(patched, {}, 2, "positive (cond)", 4)
+        node.draw(patched, LATENT, 2, "positive (cond)", 4)
 
 
 def test_metadata_routes_name_files_relative_to_the_model_folder(pack, tmp_path):

@@ -151,9 +151,16 @@ def test_encoder_names_outside_their_folders_are_refused(server, places):
         _, kind, message = node_error(server, attack("LoadPLoRADINOEncoder", "model_folder", name,
                                                      {"precision": "fp32"}))
         assert kind == "FileNotFoundError" and "Model in folder 'dino'" in message, message
+    clip_inputs = {"checkpoint": server_support.CLIP_FILE, "precision": "fp32"}
     _, kind, message = node_error(server, attack("LoadPLoRACLIPEncoder", "architecture", "hf-hub:timm/ViT-B-32",
-                                                 {"checkpoint": server_support.CLIP_FILE, "precision": "fp32"}))
-    assert kind == "plora.EncoderLoadError" and "Unknown open_clip architecture" in message
+                                                 clip_inputs))
+    assert kind == "ValueError" and message.startswith(
+        "LoadPLoRACLIPEncoder: input 'architecture' is 'hf-hub:timm/ViT-B-32', which is not one of its choices")
+    _, kind, message = node_error(server, attack("LoadPLoRACLIPEncoder", "architecture", ["ViT-B-32"], clip_inputs))
+    assert kind == "ValueError" and "input 'architecture' must be one of its list's names, not list" in message
+    _, kind, message = node_error(server, attack("LoadPLoRADINOEncoder", "model_folder", [server_support.DINO_FOLDER],
+                                                 {"precision": "fp32"}))
+    assert kind == "ValueError" and "input 'model_folder' must be one of its list's names, not list" in message
     still_serving(server)
 
 
@@ -309,3 +316,147 @@ def test_free_with_unload_models_empties_the_caches_and_the_next_run_works(serve
     history = server.run_prompt(prompt)
     assert history["status"]["status_str"] == "success", history["status"]
     assert server.get("/plora/cache_info")["loras"]["entries"] >= 1
+
+
+# ---------------------------------------------------------------- issue 19: a shared server one bad prompt
+# cannot stall or poison. Each attack is followed by a core txt2img prompt that must still run, and by a
+# /history that must still be standard JSON (no NaN, no Infinity) for every browser.
+
+CAFE = os.fsdecode(b"caf\xe9.safetensors")  # Latin-1 bytes from an unzipped archive: a lone surrogate in the str
+BROKEN = os.fsdecode(b"cass\xe9.safetensors")
+CAFE_SHOWN, BROKEN_SHOWN = "caf\\xe9.safetensors", "cass\\xe9.safetensors"
+
+
+def not_json(constant):
+    raise ValueError(f"/history holds {constant}, which is not standard JSON")
+
+
+def history_is_standard_json(server) -> dict:
+    with urllib.request.urlopen(f"{server.url}/history", timeout=30) as response:
+        return json.loads(response.read(), parse_constant=not_json)
+
+
+def core_txt2img(seed: int) -> dict:
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": server_support.CHECKPOINT}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a dog", "clip": ["ckpt", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["ckpt", 1]}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "sample": {"class_type": "KSampler", "inputs": {
+            "model": ["ckpt", 0], "seed": seed, "steps": 1, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0], "denoise": 1.0}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
+        "preview": {"class_type": "PreviewImage", "inputs": {"images": ["decode", 0]}},
+    }
+
+
+def still_works(server, seed: int) -> None:
+    """The worker survived: a core txt2img prompt runs to an image, and /history parses as standard JSON."""
+    history = server.run_prompt(core_txt2img(seed))
+    assert history["status"]["status_str"] == "success", history["status"]
+    assert history["outputs"]["preview"]["images"]
+    history_is_standard_json(server)
+    still_serving(server)
+
+
+@pytest.fixture(scope="module")
+def non_utf8_files(places):
+    import shutil
+
+    models = places["models"]
+    files = {"lora": models / "loras" / CAFE, "broken": models / "loras" / BROKEN,
+             "clip": models / "open_clip" / CAFE}
+    shutil.copy(models / "loras" / server_support.SUBJECT_LORA, files["lora"])
+    files["broken"].write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" + bytes(64))
+    shutil.copy(models / "open_clip" / server_support.CLIP_FILE, files["clip"])
+    yield files
+    for path in files.values():
+        os.remove(path)
+
+
+def test_loras_with_non_utf8_names_are_named_escaped_and_the_worker_survives(server, places, full_prompt,
+                                                                             non_utf8_files):
+    server.post("/history", {"clear": True})
+    prompt = copy.deepcopy(full_prompt)
+    loader = next(k for k, n in prompt.items() if n["class_type"] == "LoadSubjectStyleLoRA")
+    prompt[loader]["inputs"]["subject_lora"] = CAFE
+    history = server.run_prompt(prompt)
+    assert history["status"]["status_str"] == "success", history["status"]
+
+    broken = {"1": {"class_type": "LoadSubjectStyleLoRA", "inputs": {**LOADER, "style_lora": BROKEN}},
+              SINK: {"class_type": SINK_NODE, "inputs": {"value": ["1", 0]}}}
+    _, kind, message = node_error(server, broken)
+    assert kind == "plora.LoraFileError" and f"{BROKEN_SHOWN} could not be read" in message, message
+    assert str(places["base"]) not in message
+    still_works(server, 1)
+
+
+def test_a_clip_checkpoint_with_a_non_utf8_name_loads_and_its_errors_are_escaped(server, places, non_utf8_files):
+    server.post("/history", {"clear": True})
+    load = {"1": {"class_type": "LoadPLoRACLIPEncoder",
+                  "inputs": {"checkpoint": CAFE, "architecture": "PLoRA-Tiny-ViT", "precision": "fp32"}},
+            SINK: {"class_type": SINK_NODE, "inputs": {"value": ["1", 0]}}}
+    history = server.run_prompt(load, timeout=FAST)
+    assert history["status"]["status_str"] == "success", history["status"]
+    load["1"]["inputs"]["architecture"] = "ViT-bigG-14"  # 7 GB if built: refused from the shapes alone
+    _, kind, message = node_error(server, load)
+    assert kind == "plora.EncoderLoadError", message
+    assert f"{CAFE_SHOWN} does not fit open_clip architecture 'ViT-bigG-14'" in message, message
+    assert str(places["base"]) not in message
+    still_works(server, 2)
+
+
+def test_a_12000_character_label_draws_quickly(server):
+    server.post("/history", {"clear": True})
+    label = ("a very long label that goes on " * 400)[:12_000]
+    prompt = {"image": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2,
+                                                                "color": 0}},
+              "grid": {"class_type": "PLoRAComparisonGrid", "inputs": {"images": ["image", 0], "labels": label,
+                                                                       "columns": 0}},
+              "preview": {"class_type": "PreviewImage", "inputs": {"images": ["grid", 0]}}}
+    history = server.run_prompt(prompt, timeout=FAST)  # the quadratic cut held the worker for minutes
+    assert history["status"]["status_str"] == "success", history["status"]
+    assert history["outputs"]["preview"]["images"]
+    still_works(server, 3)
+
+
+def score_prompt(images: list) -> dict:
+    return {
+        "white": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1,
+                                                          "color": 0xFFFFFF}},
+        "black": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+        "clip": {"class_type": "LoadPLoRACLIPEncoder", "inputs": {
+            "checkpoint": server_support.CLIP_FILE, "architecture": "PLoRA-Tiny-ViT", "precision": "fp32"}},
+        "dino": {"class_type": "LoadPLoRADINOEncoder", "inputs": {"model_folder": server_support.DINO_FOLDER,
+                                                                  "precision": "fp32"}},
+        "score": {"class_type": "PLoRAScore", "inputs": {
+            "images": images, "subject_reference": ["white", 0], "style_reference": ["black", 0],
+            "clip_encoder": ["clip", 0], "dino_encoder": ["dino", 0]}},
+    }
+
+
+def test_a_nan_image_is_refused_by_the_score_node_and_history_stays_standard_json(server):
+    server.post("/history", {"clear": True})
+    prompt = score_prompt(["nan", 0])
+    prompt[ANY] = {"class_type": ANY_VALUE_NODE, "inputs": {"value_json": "NaN"}}  # a string in the prompt
+    prompt["nan"] = {"class_type": "ImageBlend", "inputs": {"image1": ["white", 0], "image2": ["black", 0],
+                                                             "blend_factor": [ANY, 0], "blend_mode": "normal"}}
+    node_id, kind, message = node_error(server, prompt)
+    assert (node_id, kind) == ("score", "ValueError"), message
+    assert message.startswith("PLoRAScore: input 'images' holds NaN or infinite pixel values"), message
+    history = server.run_prompt(score_prompt(["black", 0]))
+    assert history["status"]["status_str"] == "success", history["status"]
+    (scores,) = history["outputs"]["score"]["plora_scores"]
+    assert set(scores) == {"style_sim", "clip_score", "dino_score"}
+    still_works(server, 4)
+
+
+def test_a_combo_value_through_a_link_is_refused_when_the_node_runs(server, full_prompt):
+    prompt = copy.deepcopy(full_prompt)
+    patcher = next(k for k, n in prompt.items() if n["class_type"] == "PLoRAModelPatcher")
+    prompt[ANY] = {"class_type": ANY_VALUE_NODE, "inputs": {"value_json": json.dumps("kld")}}
+    prompt[patcher]["inputs"]["criterion"] = [ANY, 0]
+    node_id, kind, message = node_error(server, prompt, 300)
+    assert (node_id, kind) == (patcher, "ValueError"), message
+    assert message.startswith("PLoRAModelPatcher: input 'criterion' is 'kld', which is not one of its choices")
+    still_serving(server)
