@@ -267,6 +267,7 @@ def build_layer_deltas(model, pair: SubjectStyleLoras, plan: GatePlan) -> dict:
     layers = {}
     key_map = host.unet_key_map(model) if plan.gated else {}
     for path in sorted(plan.gated, key=_module_order(model)):
+        host.stop_if_interrupted()  # Cancel stops a long build (dense deltas of a large model) between layers
         module = host.get_module(model, path)
         geometry = LayerGeometry.of_module(module)
         layers[path] = (layer_delta(plan.mapped[id(pair.subject)].modules[path], pair.subject, geometry, module, model),
@@ -283,9 +284,11 @@ def selection_rule(method: str, criterion: str, style_bias: float, k_lora_preset
     if method != "k-lora" or not layers:
         return None
     pair_key = (_file_key(pair.subject), _file_key(pair.style))
-    scores = {name: _klora_scores(pair_key, name, rows, subject, style)
-              for path, (subject, style, row_slices) in layers.items()
-              for name, rows in _gate_names(path, row_slices)}
+    scores = {}
+    for path, (subject, style, row_slices) in layers.items():
+        host.stop_if_interrupted()  # the Top-K sums take seconds per SDXL layer on a CPU
+        for name, rows in _gate_names(path, row_slices):
+            scores[name] = _klora_scores(pair_key, name, rows, subject, style)
     return KLoraSelection(KLoraRule(scores, k_lora_preset, layer_order=list(scores)), state, sampling)
 
 

@@ -53,7 +53,7 @@ def test_a_long_label_is_cut_with_a_few_measurements_and_fits(monkeypatch):
 
 
 def test_fitted_text_is_the_longest_prefix_that_fits():
-    from plora_core.image_grid import fitted_text
+    from plora_pack.plora_core.image_grid import fitted_text
 
     def width(text):
         return 2.0 * len(text)

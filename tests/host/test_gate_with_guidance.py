@@ -48,7 +48,7 @@ def guided_steps(log: str) -> list[int]:
 
 def test_exact_guidance_on_a_gated_model(pack, gated, encoders):
     state = pack.nodes.gate.gate_state_of(gated)
-    assert any(g.subject._cache == {} for g in pack.nodes.gate.gated_layers(gated).values())  # nothing cached yet
+    assert all(g.deltas._cache == {} for g in pack.nodes.gate.gated_layers(gated).values())  # nothing cached yet
     latent, log = guided(pack, gated, encoders)
     assert guided_steps(log) == list(range(STEPS))
     assert torch.isfinite(latent["samples"]).all()
@@ -60,8 +60,8 @@ def test_exact_guidance_on_a_gated_model(pack, gated, encoders):
 def test_exact_guidance_after_an_unguided_run_of_the_same_model(pack, gated, encoders):
     with torch.inference_mode():
         unguided = sample(gated, steps=STEPS, seed=3)  # caches the factors as inference tensors
-    cached = next(iter(pack.nodes.gate.gated_layers(gated).values())).subject._cache
-    assert cached and all(t.is_inference() for parts, _, _ in cached.values() for p in parts for t in (p.up, p.down))
+    cached = next(iter(pack.nodes.gate.gated_layers(gated).values())).deltas._cache  # the DeltaStack's factors
+    assert cached and all(t.is_inference() for factors in cached.values() for t in factors)
     latent, log = guided(pack, gated, encoders)
     assert guided_steps(log) == list(range(STEPS))
     assert not torch.allclose(latent["samples"], unguided, atol=1e-4)

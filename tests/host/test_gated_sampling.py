@@ -1,6 +1,7 @@
 """End to end in ComfyUI's sampler: the gate on a tiny SD1.5 UNet with kohya + peft LoRA files."""
 
 import comfy.model_management
+import comfy.patcher_extension
 import comfy.sd
 import comfy.utils
 import pytest
@@ -196,3 +197,15 @@ def test_selection_map_node_draws_the_last_run(setup, pack):
         assert image.shape == (1, len(attention) * 4, STEPS * 4, 3)
         colours = {tuple(round(v, 2) for v in px.tolist()) for px in image[0, 1::4, 1::4].reshape(-1, 3)}
         assert colours <= {(0.96, 0.58, 0.16), (0.22, 0.47, 0.96)}, "every (step, layer) cell was decided"
+
+
+def test_cancel_stops_building_the_gated_layers(setup, pack):
+    """/interrupt (ComfyUI's interrupt flag) stops PLoRAModelPatcher between layers; the MODEL is untouched."""
+    model, pair, *_ = setup
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            pack.nodes.PLoRAModelPatcher().patch(model, pair, "kl", 1.0, 0.0, 1.0)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert not model.patches and not model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "plora_gate")
