@@ -16,6 +16,7 @@ from ..plora_core.encoders import ImageEncoder, load_dino_encoder, load_open_cli
 from ..plora_core.lora_file import regular_file_stat, scrub, shown_name
 from . import host
 from .input_checks import register_object_type
+from .memory_hooks import register_cache
 from .trainable_copy import copy_tensors_as_saved, frozen_normal_copy
 
 logger = logging.getLogger("plora")
@@ -31,23 +32,16 @@ _DEFAULT_ARCHITECTURES = ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-quickgel
 
 
 def register_model_folders() -> None:
-    """models/open_clip and models/dino, when running inside a full ComfyUI."""
-    try:
-        import folder_paths
-    except ImportError:
-        return
+    """models/open_clip and models/dino as ComfyUI model folders."""
     for name in (CLIP_FOLDER, DINO_FOLDER):
-        if name not in folder_paths.folder_names_and_paths:
-            folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
+        host.register_model_folder_kind(name)
 
 
 def device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
     """ComfyUI's compute device; fp16 on a GPU that supports it under 'auto', float32 on the CPU."""
-    import comfy.model_management as mm
-
-    device = mm.get_torch_device()
+    device, fp16 = host.compute_device_and_fp16()
     if precision == "auto":
-        dtype = torch.float16 if device.type != "cpu" and mm.should_use_fp16(device) else torch.float32
+        dtype = torch.float16 if fp16 else torch.float32
     elif precision in _DTYPES:
         dtype = _DTYPES[precision]
     else:
@@ -57,6 +51,7 @@ def device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
 
 _CONFIG_LIMIT = 1 << 20  # an open_clip model config is a few hundred bytes
 _not_configs: set[tuple] = set()  # (path, mtime, size) of .json files that are not open_clip configs
+register_cache(_not_configs.clear)  # emptied with the pack's other caches (memory_hooks)
 
 
 def _is_open_clip_config(path: str) -> bool:

@@ -187,6 +187,29 @@ def add_model_folder(kind: str, folder: str) -> None:
     folder_paths.add_model_folder_path(kind, os.path.abspath(folder))
 
 
+def register_model_folder_kind(kind: str) -> None:
+    """models/<kind> as a model folder kind ('open_clip', 'dino'), unless ComfyUI or extra_model_paths.yaml
+    already defines it."""
+    if kind not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(kind, os.path.join(folder_paths.models_dir, kind))
+
+
+def compute_device_and_fp16() -> tuple[torch.device, bool]:
+    """ComfyUI's compute device, and whether ComfyUI would run fp16 on it."""
+    device = comfy.model_management.get_torch_device()
+    return device, device.type != "cpu" and bool(comfy.model_management.should_use_fp16(device))
+
+
+def prompt_server_routes():
+    """The running ComfyUI server's aiohttp route table, or None outside a server (tests, tools)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return None
+    instance = getattr(PromptServer, "instance", None)
+    return None if instance is None else instance.routes
+
+
 def model_folders(kind: str) -> list[str]:
     """The folders of one kind, in ComfyUI's search order."""
     kind = folder_paths.map_legacy(kind)

@@ -82,14 +82,11 @@ def cache_details() -> dict:
 def register_routes() -> None:
     """GET /plora/lora_info?name=..., /plora/model_info?folder=checkpoints&name=... and /plora/cache_info,
     inside ComfyUI."""
-    try:
-        from aiohttp import web
-        from server import PromptServer
-    except ImportError:
+    from aiohttp import web
+
+    routes = host.prompt_server_routes()
+    if routes is None:
         return
-    if getattr(PromptServer, "instance", None) is None:
-        return
-    routes = PromptServer.instance.routes
 
     async def respond(build, folder: str, name: str):
         status, body = await answer(build, folder, name)

@@ -58,3 +58,13 @@ def test_the_frontend_extension_uses_only_the_public_frontend_api():
         assert "app.ui.settings" not in code and "getSettingValue" not in code and "addSetting" not in code, script.name
         assert not re.search(r"\.(_nodes|_links|_groups)\b", code), f"{script.name}: graph.nodes, node.getInputNode"
         assert not re.search(r"\.link\b", code), f"{script.name}: input.link is deprecated (node.getInputNode)"
+
+
+def test_host_py_is_the_only_module_that_imports_comfyui():
+    """comfy, folder_paths and server are reached only through nodes/host.py (plora_core never)."""
+    pattern = re.compile(r"^\s*(import|from)\s+(comfy(_extras|_api|_execution)?|folder_paths|server|nodes)\b", re.M)
+    offenders = [str(path.relative_to(ROOT)) for folder in ("nodes", "plora_core")
+                 for path in sorted((ROOT / folder).glob("*.py"))
+                 if path.name != "host.py" or folder != "nodes"
+                 if pattern.search(path.read_text())]
+    assert offenders == []
