@@ -135,10 +135,11 @@ class KLoraSelection:
         timestep = float(self.model_sampling.timestep(torch.tensor([self.state.sigma])).reshape(-1)[0])
         return 1000.0 * (1.0 - min(max(timestep / 1000.0, 0.0), 1.0)), 1000
 
-    def __call__(self, layer, base, subject_delta, style_delta, channel_dim):
+    def choose(self, layer, base, deltas, channel_dim, members=(0, 1)):
+        """[B] LoRA index: 0 (the subject) for every sample where K-LoRA's rule takes the subject, else 1."""
         position, steps = self.progress()
         take_subject = self.rule.choose_subject(layer, position, steps)
-        return torch.full((base.shape[0],), take_subject, dtype=torch.bool, device=base.device)
+        return torch.full((base.shape[0],), 0 if take_subject else 1, dtype=torch.int64, device=base.device)
 
     def __repr__(self) -> str:
         return repr(self.rule)

@@ -199,40 +199,59 @@ def normalise_factors(geometry: LayerGeometry, up: torch.Tensor, down: torch.Ten
 class DeltaStack:
     """Several LoRAs' deltas on one layer from one input: dW_1(x), ..., dW_N(x) (Eq. 9-10 for each).
 
-    Where every delta is one plain low-rank Linear part (the usual LoRA), they are computed as
-    one [N, ..., out] tensor from two GEMMs: x @ [A_1; ...; A_N]^T for all down-projections at
-    once, then a batched up-projection (ranks padded with zero rows to the largest: the padding
-    adds exact zeros). The stacked factors are cast and laid out once per device and dtype.
+    Where every delta is one plain low-rank Linear part (the usual LoRA: `plain`), they are
+    computed as one [N, ..., out] tensor from two GEMMs: x @ [A_1; ...; A_N]^T for all
+    down-projections at once, then a batched up-projection (ranks padded with zero rows to the
+    largest: the padding adds exact zeros). The stacked factors are cast and laid out once per
+    device and dtype. `factors_for_kernels` gives the fused gate the down-projection and the
+    up-projections instead, so the deltas are formed inside its kernels and never written.
     Otherwise each delta is applied on its own; `stacked=True` then stacks them (one copy).
     """
 
     def __init__(self, deltas):
         self.deltas = tuple(deltas)
         self._cache: dict = {}
-        self._plain = all(d.geometry.kind == "linear" and len(d.low_rank) == 1 and not d.dense and d.bias is None
-                          and d.low_rank[0].rows is None and d.low_rank[0].mid is None for d in self.deltas)
+        self.plain = all(d.geometry.kind == "linear" and len(d.low_rank) == 1 and not d.dense and d.bias is None
+                         and d.low_rank[0].rows is None and d.low_rank[0].mid is None for d in self.deltas)
 
     def __len__(self) -> int:
         return len(self.deltas)
 
     def __call__(self, x: torch.Tensor, stacked: bool = False):
         """[N, ..., out] tensor (always where the deltas are plain low-rank), else a tuple of N tensors."""
-        if not self._plain:
+        if not self.plain:
             outs = tuple(d(x) for d in self.deltas)
             return torch.stack(outs) if stacked else outs
-        down, up_t = self._factors(x.device, x.dtype)
+        down, up_t = self._factors(x.device, x.dtype, 0)
         count, rank = up_t.shape[0], up_t.shape[1]
         hidden = F.linear(x, down).reshape(-1, count, rank).transpose(0, 1)  # [N, rows, r]
         out = torch.bmm(hidden, up_t)  # [N, rows, out]
         return out.view(count, *x.shape[:-1], up_t.shape[2])
 
-    def _factors(self, device: torch.device, dtype: torch.dtype):
-        """(down [N r, in], up^T [N, r, out]) on the input's device and dtype, scales folded in; cached."""
+    def added_to(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """F + dW_1(x) + ... + dW_N(x): every LoRA acting, as a direct merge (outside the gate's window)."""
+        out = base
+        for delta in self(x):
+            out = out + delta
+        return out
+
+    def factors_for_kernels(self, x: torch.Tensor, min_rank: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x @ [A_1; ...; A_N]^T as [..., N * R], up^T [N, R, out]) for plain deltas, R the largest rank padded
+        with zeros to a power of two >= `min_rank` (what the fused kernels' matrix products take)."""
+        down, up_t = self._factors(x.device, x.dtype, min_rank)
+        return F.linear(x, down), up_t
+
+    def _factors(self, device: torch.device, dtype: torch.dtype, min_rank: int):
+        """(down [N R, in], up^T [N, R, out]) on the input's device and dtype, scales folded in; cached.
+
+        R is the largest rank, or with `min_rank` that padded to a power of two at least `min_rank`."""
         inference = torch.is_inference_mode_enabled()
-        key = (device, dtype, inference)
+        key = (device, dtype, inference, min_rank)
         if key not in self._cache:
             parts = [d.low_rank[0] for d in self.deltas]
             rank = max(p.down.shape[0] for p in parts)
+            if min_rank:
+                rank = max(min_rank, 1 << (rank - 1).bit_length())
             down = torch.zeros(len(parts) * rank, parts[0].down.shape[1], dtype=torch.float32)
             up_t = torch.zeros(len(parts), rank, parts[0].up.shape[0], dtype=torch.float32)
             for k, p in enumerate(parts):

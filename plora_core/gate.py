@@ -1,9 +1,15 @@
 """The posterior-feature-knowledge gate (paper section 4.1, Eq. 9-13), and one layer gated by it.
 
-The functions are Eq. 11-13 on tensors. `LayerGate` holds one layer's two LoRA deltas and
-decides, per call, which one the layer passes on; the rule that decides is pluggable
-(`DivergenceRule` is the paper's; other fusion rules give the same interface), so every
-rule runs through one mechanism and is recorded the same way for the selection map.
+The functions are Eq. 11-13 on tensors. `LayerGate` holds one layer's LoRA deltas (two in the
+paper: subject and style; any N >= 2 here) and decides, per call, which one the layer passes on;
+the rule that decides is pluggable (`DivergenceRule` is the paper's; other fusion rules give the
+same interface), so every rule runs through one mechanism and is recorded the same way for the
+selection map.
+
+Over N LoRAs, Eq. 13 is an argmax: the output F + D_k of the first k maximising w_k d_k passes on,
+where d_k is LoRA k's divergence (Eq. 11-12) and w_k its weight (1 for the paper's subject,
+`style_bias` for its style). With two LoRAs and w = (1, style_bias) this is exactly
+`d_c >= style_bias * d_s -> subject`.
 """
 
 from __future__ import annotations
@@ -31,6 +37,27 @@ def delta_divergences(base: torch.Tensor, subject_delta: torch.Tensor, style_del
     d_subject, d_style = get_shift_divergence(criterion)(base, (subject_delta, style_delta), channel_dim,
                                                          finish_device=finish_device)
     return d_subject, d_style
+
+
+def shift_divergences(base: torch.Tensor, deltas, criterion: str, channel_dim: int,
+                      finish_device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
+    """(d_1, ..., d_N) per sample, Eq. 11-12 for each of N LoRA deltas (the work on F shared)."""
+    return tuple(get_shift_divergence(criterion)(base, tuple(deltas), channel_dim, finish_device=finish_device))
+
+
+def weighted_choice(divergences, weights) -> torch.Tensor:
+    """Eq. 13 over N LoRAs: per sample, the first k maximising w_k d_k; [B] int64.
+
+    With two LoRAs and w = (1, style_bias): 0 (the subject) exactly where d_c >= style_bias * d_s.
+    """
+    best = divergences[0] * weights[0] if weights[0] != 1.0 else divergences[0]
+    index = torch.zeros(best.shape, dtype=torch.int64, device=best.device)
+    for k in range(1, len(divergences)):
+        weighted = divergences[k] * weights[k]
+        better = weighted > best
+        index = torch.where(better, k, index)
+        best = torch.where(better, weighted, best)
+    return index
 
 
 def feature_divergences(base: torch.Tensor, subject_out: torch.Tensor, style_out: torch.Tensor,
@@ -76,6 +103,29 @@ def add_selected(base: torch.Tensor, subject_delta: torch.Tensor, style_delta: t
     return out
 
 
+def select_chosen(outputs, choice: torch.Tensor) -> torch.Tensor:
+    """Per sample b, outputs[choice[b]] (Eq. 13 over N LoRAs); differentiable in the chosen outputs."""
+    shape = (-1, *([1] * (outputs[0].ndim - 1)))
+    picked = outputs[-1]
+    for k in range(len(outputs) - 2, -1, -1):
+        picked = torch.where((choice == k).reshape(shape), outputs[k], picked)
+    return picked
+
+
+def add_chosen(base: torch.Tensor, deltas, choice: torch.Tensor) -> torch.Tensor:
+    """F + D_choice[b] per sample b (Eq. 13 over N LoRAs), in one pass over F.
+
+    On the CPU one add per sample (the choice is on the host anyway); elsewhere, and under
+    autograd, a select on the device (no host sync)."""
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (base, *deltas))
+    if differentiable or not base.is_cpu:
+        return select_chosen(deltas, choice).add(base) if differentiable else select_chosen(deltas, choice).add_(base)
+    out = torch.empty(base.shape, dtype=torch.result_type(base, deltas[0]), device=base.device)
+    for sample, k in enumerate(choice.tolist()):
+        torch.add(base[sample], deltas[k][sample], out=out[sample])
+    return out
+
+
 def gate(base: torch.Tensor, subject_out: torch.Tensor, style_out: torch.Tensor, criterion: str = "kl",
          style_bias: float = 1.0, channel_dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 11-13 for one layer: returns (selected output, [B] mask of samples that took the subject)."""
@@ -98,11 +148,13 @@ class RowSlice:
 
 
 class SelectionRule(Protocol):
-    """Decides, for one layer (or slice) and one model call, which samples take the subject LoRA."""
+    """Decides, for one layer (or slice) and one model call, which LoRA each sample passes on."""
 
-    def __call__(self, layer: str, base: torch.Tensor, subject_delta: torch.Tensor, style_delta: torch.Tensor,
-                 channel_dim: int) -> torch.Tensor:
-        """[B] bool mask, True = the subject's output F + D_c is passed on."""
+    def choose(self, layer: str, base: torch.Tensor, deltas, channel_dim: int,
+               members: tuple[int, ...]) -> torch.Tensor:
+        """[B] int64: per sample, the index (into `deltas`) of the LoRA whose output F + D_k is passed on.
+
+        `members` are the positions of those LoRAs in the LoRA set (a rule may weigh them by it)."""
         ...
 
 
@@ -110,103 +162,190 @@ class SelectionRule(Protocol):
 # they (a few numbers per token) go to the CPU for the float64 finish; the decision is the same.
 FLOAT64_LESS_DEVICES = frozenset({"mps"})
 CPU = torch.device("cpu")
+PAIR = (0, 1)  # the members of a subject/style pair
 
 
 @dataclass(frozen=True)
 class DivergenceRule:
-    """The paper's rule, Eq. 11-13: the LoRA whose output distribution moved more from F wins.
+    """The paper's rule, Eq. 11-13: the LoRA whose output distribution moved most from F wins.
 
-    `criterion` is kl (the paper) or another of Table 4; `style_bias` multiplies d_s (1 = paper).
+    `criterion` is kl (the paper) or another of Table 4. `weights[m]` multiplies the divergence of
+    the set's LoRA m (None: (1, style_bias), the paper's pair with its style bias; 1 = paper).
     """
 
     criterion: str = "kl"
     style_bias: float = 1.0
+    weights: tuple[float, ...] | None = None
     step_independent = True  # the same tensors give the same decision at every step
 
-    def __call__(self, layer, base, subject_delta, style_delta, channel_dim):
+    def weights_of(self, members: tuple[int, ...]) -> tuple[float, ...]:
+        weights = self.weights if self.weights is not None else (1.0, float(self.style_bias))
+        return tuple(float(weights[m]) for m in members)
+
+    def choose(self, layer, base, deltas, channel_dim, members=PAIR):
         device = base.device
         finish_device = CPU if device.type in FLOAT64_LESS_DEVICES else None
-        d_subject, d_style = delta_divergences(base, subject_delta, style_delta, self.criterion, channel_dim,
-                                               finish_device)
-        return choose_subject(d_subject, d_style, self.style_bias).to(device)
+        divergences = shift_divergences(base, deltas, self.criterion, channel_dim, finish_device)
+        return weighted_choice(divergences, self.weights_of(members)).to(device)
 
-    def fused_gate(self, layer, base, deltas, channel_dim):
-        """(F + D_chosen, [B] subject mask) through the Triton kernels, or None where they do not apply."""
-        if not fused_gate.supports(base, deltas, channel_dim, self.criterion):
-            return None
-        out, subject_mask, _ = fused_gate.gate(base, deltas, self.criterion, self.style_bias)
-        return out, subject_mask
+    def __call__(self, layer, base, subject_delta, style_delta, channel_dim):
+        """The pair form: [B] bool mask, True where the subject's F + D_c is passed on."""
+        return self.choose(layer, base, (subject_delta, style_delta), channel_dim) == 0
+
+    def fused(self, base, deltas, members, factors=None):
+        """(F + D_chosen, [B] int32 choice) through the Triton kernels of `fused_gate`, or None where they do
+        not apply. `deltas`: the stacked [N, ...] deltas, or None with `factors` = (hidden, up^T) to form them
+        inside the kernels."""
+        weights = self.weights_of(members)
+        if factors is not None:
+            if not fused_gate.supports_factored(base, *factors, self.criterion):
+                return None
+            out, choice, _ = fused_gate.gate_factored(base, *factors, self.criterion, weights)
+        else:
+            if not fused_gate.supports(base, deltas, -1, self.criterion):
+                return None
+            out, choice, _ = fused_gate.gate(base, deltas, self.criterion, weights)
+        return out, choice
 
 
 class LayerGate:
-    """F = original(x); F_hat_c = F + dW_c(x); F_hat_s = F + dW_s(x); pass on one (Eq. 9-13).
+    """F = original(x); F_hat_k = F + dW_k(x) for each LoRA k on the layer; pass one on (Eq. 9-13).
 
     `forward(original, x)` runs whatever the layer ran before as `original` (the host's own
     forward, with its weight casting, offloading and any merged LoRA patches), so those keep
-    working. Outside the step window both deltas are added, as a direct merge would. A fused
+    working. Outside the step window all deltas are added, as a direct merge would. A fused
     layer given `row_slices` is gated slice by slice, each slice recorded as `layer[name]`.
-    Both deltas come from one `DeltaStack` (one down-projection GEMM); on an accelerator with
-    Triton the rule's `fused_gate` (kernels of `fused_gate`) decides and adds in three launches.
-    A `static_input` layer (cross-attention k/v: its input is the text context) keeps its output
-    and decisions per distinct input of the run (`GateState.static_inputs`) and, while the rule's
-    decision does not depend on the step, reuses them at later steps (still recording each step).
+    The deltas are `subject, style` (the paper's pair) or `deltas=` (N of them); `members` are
+    their positions in the LoRA set (default 0..N-1), recorded with each choice.
+    All deltas come from one `DeltaStack` (one down-projection GEMM); on an accelerator with
+    Triton the rule's `fused` (kernels of `fused_gate`) forms the deltas, decides and adds in two
+    launches. A `static_input` layer (cross-attention k/v: its input is the text context) keeps its
+    output and decisions per distinct input of the run (`GateState.static_inputs`) and, while the
+    rule's decision does not depend on the step, reuses them at later steps (recording each step).
     """
 
-    def __init__(self, layer: str, subject: LayerDelta, style: LayerDelta, state: GateState,
-                 rule: SelectionRule | None = None, row_slices: tuple[RowSlice, ...] = (),
-                 static_input: bool = False):
+    def __init__(self, layer: str, subject: LayerDelta | None = None, style: LayerDelta | None = None,
+                 state: GateState | None = None, rule: SelectionRule | None = None,
+                 row_slices: tuple[RowSlice, ...] = (), static_input: bool = False, *,
+                 deltas=None, members: tuple[int, ...] | None = None):
+        loras = tuple(deltas) if deltas is not None else (subject, style)
+        if len(loras) < 2 or any(d is None for d in loras) or state is None:
+            raise ValueError(f"LayerGate {layer}: needs a GateState and two or more LoRA deltas "
+                             "(subject and style, or deltas=[...]).")
         self.layer = layer
-        self.subject = subject
-        self.style = style
-        self.deltas = DeltaStack((subject, style))
+        self.loras = loras
+        self.subject, self.style = loras[0], loras[1]
+        self.members = tuple(members) if members is not None else tuple(range(len(loras)))
+        if len(self.members) != len(loras):
+            raise ValueError(f"LayerGate {layer}: {len(loras)} deltas but {len(self.members)} members.")
+        self.deltas = DeltaStack(loras)
         self.state = state
         self.rule = rule if rule is not None else DivergenceRule()
-        self.channel_dim = subject.geometry.channel_dim
+        self.channel_dim = loras[0].geometry.channel_dim
         self.row_slices = tuple(row_slices)
         self.static_input = static_input
-        self._static: dict = {}  # (generation, input key) -> (output, [(name, mask)])
+        self._static: dict = {}  # (generation, input key) -> (output, [(name, choice)])
+        self._fused: dict = {}  # (device, dtype) -> whether the rule's fused kernels can take this layer
+        self._slice_factors: dict = {}  # (slice, device, dtype) -> up^T columns of the slice, contiguous
 
     def forward(self, original: Callable, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        gated = self.state.active and (self.state.batch is None or x.shape[0] == self.state.batch)
-        key = self._static_key(x, args, kwargs) if gated else None
+        state = self.state
+        if not (state.active and (state.batch is None or x.shape[0] == state.batch)):
+            # outside the window; or rows that are not the call's images (e.g. tokens flattened over
+            # the batch): no per-image choice exists, every LoRA acts, as a direct merge
+            return self.deltas.added_to(original(x, *args, **kwargs), x)
+        key = self._static_key(x, args, kwargs) if self.static_input else None
         if key is not None and key in self._static:
             out, records = self._static[key]
-            for name, subject_mask in records:
-                self.state.record(name, subject_mask)
+            for name, choice in records:
+                state.record(name, choice, self.members)
             return out.clone()
         base = original(x, *args, **kwargs)
-        differentiable = torch.is_grad_enabled() and (x.requires_grad or base.requires_grad)
-        fused = (gated and not differentiable and self.channel_dim == -1 and hasattr(self.rule, "fused_gate")
-                 and fused_gate.fused_available(base))
-        deltas = self.deltas(x, stacked=fused)
-        if not gated:
-            # outside the window; or rows that are not the call's images (e.g. tokens flattened over
-            # the batch): no per-image choice exists, both LoRAs act, as a direct merge
-            return base + deltas[0] + deltas[1]
-        records = []
-        if not self.row_slices:
-            out, subject_mask = self._gate(self.layer, base, deltas)
-            records.append((self.layer, subject_mask))
+        if torch.is_grad_enabled() and (x.requires_grad or base.requires_grad):
+            out, records = self._gated(base, self.deltas(x), self._choose_detached)
+        elif self._fusable(base):
+            out, records = self._gated_fused(base, x)
         else:
-            out = torch.empty_like(base)
-            for piece in self.row_slices:
-                def rows(t, piece=piece, dim=self.channel_dim):
-                    return t.narrow(dim, piece.start, piece.length)
-                name = f"{self.layer}[{piece.name}]"
-                piece_deltas = (deltas.narrow(-1, piece.start, piece.length) if isinstance(deltas, torch.Tensor)
-                                else tuple(rows(d) for d in deltas))
-                gated_rows, subject_mask = self._gate(name, rows(base), piece_deltas)
-                rows(out).copy_(gated_rows)
-                records.append((name, subject_mask))
-        for name, subject_mask in records:
-            self.state.record(name, subject_mask)
+            out, records = self._gated(base, self.deltas(x), self._choose)
+        for name, choice in records:
+            state.record(name, choice, self.members)
         if key is not None:  # a copy: the caller may modify what it is given in place
             self._static[key] = (out.clone(), records)
         return out
 
+    def _slices(self):
+        """(recorded name, slice or None) of each part of the output that decides on its own."""
+        if not self.row_slices:
+            return ((self.layer, None),)
+        return tuple((f"{self.layer}[{piece.name}]", piece) for piece in self.row_slices)
+
+    def _gated(self, base, deltas, choose):
+        """Eq. 13 on every slice, the deltas materialised: (output, [(name, choice)])."""
+        if not self.row_slices:
+            choice = choose(self.layer, base, deltas)
+            return add_chosen(base, deltas, choice), [(self.layer, choice)]
+        out = torch.empty_like(base)
+        dim = self.channel_dim
+        records = []
+        for name, piece in self._slices():
+            rows = base.narrow(dim, piece.start, piece.length)
+            piece_deltas = tuple(d.narrow(dim, piece.start, piece.length) for d in deltas)
+            choice = choose(name, rows, piece_deltas)
+            out.narrow(dim, piece.start, piece.length).copy_(add_chosen(rows, piece_deltas, choice))
+            records.append((name, choice))
+        return out, records
+
+    def _choose(self, name, base, deltas):
+        return self.rule.choose(name, base, deltas, self.channel_dim, self.members)
+
+    def _choose_detached(self, name, base, deltas):
+        """Under autograd (exact score guidance) the discrete decision is made on detached tensors, so the
+        divergences build no graph; only the chosen output carries gradients."""
+        with torch.no_grad():
+            return self._choose(name, base.detach(), tuple(d.detach() for d in deltas))
+
+    def _fusable(self, base: torch.Tensor) -> bool:
+        key = (base.device, base.dtype)
+        known = self._fused.get(key)
+        if known is None:
+            known = self._fused[key] = (self.channel_dim == -1 and hasattr(self.rule, "fused")
+                                        and fused_gate.fused_available(base))
+        return known
+
+    def _gated_fused(self, base, x):
+        """Eq. 9-13 in the kernels of `fused_gate`: the deltas formed there from x's down-projection where
+        they are plain low-rank (never written to memory), else from the stacked deltas."""
+        factors = self.deltas.factors_for_kernels(x) if self.deltas.plain else None
+        stacked = None if factors is not None else self.deltas(x, stacked=True)
+        records = []
+        out = None
+        for name, piece in self._slices():
+            rows = base if piece is None else base.narrow(-1, piece.start, piece.length)
+            if factors is not None:
+                piece_factors = factors if piece is None else (factors[0], self._slice_up(factors[1], piece))
+                result = self.rule.fused(rows, None, self.members, piece_factors)
+            else:
+                result = self.rule.fused(rows, stacked if piece is None else
+                                         stacked.narrow(-1, piece.start, piece.length), self.members)
+            if result is None:  # a shape the kernels do not take: the eager gate, from materialised deltas
+                return self._gated(base, self.deltas(x), self._choose)
+            if piece is None:
+                return result[0], [(name, result[1])]
+            if out is None:
+                out = torch.empty_like(base)
+            out.narrow(-1, piece.start, piece.length).copy_(result[0])
+            records.append((name, result[1]))
+        return out, records
+
+    def _slice_up(self, up_t: torch.Tensor, piece: RowSlice) -> torch.Tensor:
+        key = (piece, up_t.device, up_t.dtype, up_t.data_ptr())
+        if key not in self._slice_factors:
+            self._slice_factors[key] = up_t[..., piece.start:piece.start + piece.length].contiguous()
+        return self._slice_factors[key]
+
     def _static_key(self, x: torch.Tensor, args, kwargs):
         """The cache key of this call's result, or None where it must be computed (see the class)."""
-        if not (self.static_input and getattr(self.rule, "step_independent", False)) or args or kwargs:
+        if not getattr(self.rule, "step_independent", False) or args or kwargs:
             return None
         if torch.is_grad_enabled() and x.requires_grad:
             return None
@@ -215,25 +354,6 @@ class LayerGate:
             self._static.clear()  # a new run: drop the old run's outputs
         index = inputs.key(x)
         return None if index is None else (inputs.generation, index)
-
-    def _gate(self, name: str, base: torch.Tensor, deltas):
-        """Eq. 13 on one layer (or slice). Under autograd (exact score guidance) the discrete decision
-        is made on detached tensors, so the divergences build no graph; only the chosen output
-        carries gradients."""
-        subject_delta, style_delta = deltas[0], deltas[1]
-        if not (torch.is_grad_enabled() and (base.requires_grad or subject_delta.requires_grad
-                                             or style_delta.requires_grad)):
-            if isinstance(deltas, torch.Tensor) and hasattr(self.rule, "fused_gate") \
-                    and fused_gate.fused_available(base):
-                result = self.rule.fused_gate(name, base, deltas, self.channel_dim)
-                if result is not None:
-                    return result
-            subject_mask = self.rule(name, base, subject_delta, style_delta, self.channel_dim)
-            return add_selected(base, subject_delta, style_delta, subject_mask), subject_mask
-        with torch.no_grad():
-            subject_mask = self.rule(name, base.detach(), subject_delta.detach(), style_delta.detach(),
-                                     self.channel_dim)
-        return select_features(subject_delta, style_delta, subject_mask) + base, subject_mask
 
     def bind(self, original: Callable) -> "GatedForward":
         """The callable that replaces the layer's `forward` around `original`."""

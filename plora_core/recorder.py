@@ -1,8 +1,8 @@
 """Per-step state of one gated model and the record of its decisions.
 
 The choice of Eq. 13 depends on the input, so it changes from step to step (paper
-Figure 5). The recorder keeps, for the latest sampling run, (step, layer, sample) ->
-subject | style, which is what a selection map draws.
+Figure 5). The recorder keeps, for the latest sampling run, (step, layer, sample) -> the
+LoRA passed on (subject | style for the paper's pair), which is what a selection map draws.
 """
 
 from __future__ import annotations
@@ -20,54 +20,120 @@ BOTH_VALUE = 0.5  # a decision that passes both LoRAs on (direct merge); 1.0 = s
 COND, UNCOND = 0, 1  # ComfyUI's cond_or_uncond codes for the rows of a model call
 
 
+BOTH_INDEX = -1.0  # in `choices`: every LoRA passed on (a direct merge); NaN: none (not gated there)
+
+
+def _static_index(value: torch.Tensor) -> torch.Tensor:
+    """A fixed rule's pair value (1 subject, 0 style, 0.5 both, NaN none) as a LoRA index of the pair."""
+    value = value.float()
+    index = torch.where(value == 1, 0.0, torch.where(value == 0, 1.0, value))
+    return torch.where(value == BOTH_VALUE, BOTH_INDEX, index)
+
+
 @dataclass
 class SelectionRecorder:
     """Decisions of the latest run.
 
-    `decisions[(step, layer)]` is the [B] bool mask (True = subject) of the last model call;
-    `by_kind[(step, layer, kind)]` keeps the rows of each kind (COND, UNCOND) separately, so
-    a step whose cond and uncond passes ran as separate calls is still complete.
+    A gate records, per (step, layer), the index of the LoRA each row of the model call passed on,
+    with the positions of the layer's LoRAs in the set (`members`); a fixed rule records pair values
+    (1 subject, 0 style, 0.5 both, NaN none). Nothing is converted while sampling (on an accelerator
+    a conversion would be a kernel per layer); the views below are worked out when read:
+
+    - `decisions[(step, layer)]`: [B] mask, True where a subject LoRA (`roles`) was passed on (the
+      pair's subject mask), or a fixed rule's values;
+    - `choices[(step, layer)]`: [B] float, the set index of the LoRA passed on (BOTH_INDEX: all of
+      them, NaN: none);
+    - `by_kind[(step, layer, kind)]`: the `decisions` of the rows of each kind (COND, UNCOND), so a
+      step whose cond and uncond passes ran as separate calls is still complete.
     """
 
-    decisions: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
-    by_kind: dict[tuple[int, str, int], torch.Tensor] = field(default_factory=dict)
+    roles: tuple[str, ...] = (SUBJECT, STYLE)  # role of each LoRA of the set, by index
+    names: tuple[str, ...] = ()  # file name of each LoRA of the set (the selection map's legend)
+    entries: dict = field(default_factory=dict)  # (step, layer) -> (tensor, members or None)
+    kind_entries: dict = field(default_factory=dict)  # (step, layer, kind) -> (rows, members or None)
     layer_order: dict[str, None] = field(default_factory=dict)
+    _views: dict = field(default_factory=dict, repr=False)
 
     def clear(self) -> None:
-        self.decisions.clear()
-        self.by_kind.clear()
+        self.entries.clear()
+        self.kind_entries.clear()
         self.layer_order.clear()
+        self._views.clear()
 
-    def record(self, step: int, layer: str, subject_mask: torch.Tensor,
-               cond_or_uncond: list[int] | None = None) -> None:
-        mask = subject_mask.detach()
-        self.decisions[(step, layer)] = mask
+    def record(self, step: int, layer: str, choice: torch.Tensor,
+               cond_or_uncond: list[int] | None = None, members: tuple[int, ...] | None = None) -> None:
+        """`choice`: [B] LoRA indices into `members` (a gate), or a bool subject mask / pair values (members None)."""
+        value = choice.detach()
+        self.entries[(step, layer)] = (value, members)
         self.layer_order.setdefault(layer, None)
-        if cond_or_uncond and mask.shape[0] % len(cond_or_uncond) == 0:
-            for kind, rows in zip(cond_or_uncond, mask.chunk(len(cond_or_uncond))):
-                self.by_kind[(step, layer, kind)] = rows
+        if cond_or_uncond and value.shape[0] % len(cond_or_uncond) == 0:
+            for kind, rows in zip(cond_or_uncond, value.chunk(len(cond_or_uncond))):
+                self.kind_entries[(step, layer, kind)] = (rows, members)
+        self._views.clear()
+
+    def _index(self, value: torch.Tensor, members) -> torch.Tensor:
+        """Set indices (float; BOTH_INDEX, NaN) of one record."""
+        value = value.cpu()
+        if members is None:
+            return torch.where(value, 0.0, 1.0) if value.dtype == torch.bool else _static_index(value)
+        return torch.tensor(members, dtype=torch.float32)[value.long()]
+
+    def _mask(self, value: torch.Tensor, members) -> torch.Tensor:
+        if members is None:
+            return value
+        subject = torch.tensor([self.roles[m] == SUBJECT if m < len(self.roles) else False for m in members])
+        return subject[value.cpu().long()]
+
+    def _view(self, name: str, source: dict, convert) -> dict:
+        if name not in self._views:
+            self._views[name] = {key: convert(value, members) for key, (value, members) in source.items()}
+        return self._views[name]
+
+    @property
+    def decisions(self) -> dict:
+        return self._view("decisions", self.entries, self._mask)
+
+    @property
+    def by_kind(self) -> dict:
+        return self._view("by_kind", self.kind_entries, self._mask)
+
+    @property
+    def choices(self) -> dict:
+        return self._view("choices", self.entries, self._index)
+
+    def kind_choices(self) -> dict:
+        return self._view("kind_choices", self.kind_entries, self._index)
 
     def steps(self) -> list[int]:
-        return sorted({step for step, _ in self.decisions})
+        return sorted({step for step, _ in self.entries})
 
     def layers(self) -> list[str]:
         """Gated layers in the order the model ran them."""
         return list(self.layer_order)
 
+    def loras(self) -> int:
+        """How many LoRAs the set has (at least the pair)."""
+        return max(len(self.roles), 2)
+
     def choice(self, step: int, layer: str, sample: int) -> str:
-        """SUBJECT, STYLE or BOTH for one (step, layer, sample)."""
+        """SUBJECT, STYLE or BOTH for one (step, layer, sample) (the role of the LoRA passed on)."""
+        index = float(self.choices[(step, layer)][sample])
+        if index == BOTH_INDEX:
+            return BOTH
         value = float(self.decisions[(step, layer)][sample])
         return BOTH if value == BOTH_VALUE else SUBJECT if value else STYLE
 
     def subject_fraction(self) -> float:
-        """Share of all recorded (step, layer, sample) decisions that took the subject."""
-        if not self.decisions:
+        """Share of all recorded (step, layer, sample) decisions that took a subject LoRA."""
+        if not self.entries:
             return float("nan")
         masks = torch.cat([m.reshape(-1).float().cpu() for m in self.decisions.values()])
         return float(masks.mean())
 
-    def as_matrix(self, sample: int = 0, kind: int | None = None) -> tuple[list[int], list[str], torch.Tensor]:
-        """(steps, layers, [steps, layers] matrix, 1 = subject, NaN = not seen) for one image.
+    def as_matrix(self, sample: int = 0, kind: int | None = None, by_lora: bool = False
+                  ) -> tuple[list[int], list[str], torch.Tensor]:
+        """(steps, layers, [steps, layers] matrix, NaN = not seen) for one image: 1 = subject (0 style, 0.5
+        both), or with `by_lora` the set index of the LoRA passed on (BOTH_INDEX: all).
 
         With `kind` (COND or UNCOND), `sample` indexes the images of that pass; else the rows
         of the model call.
@@ -77,9 +143,11 @@ class SelectionRecorder:
         step_row = {s: i for i, s in enumerate(steps)}
         layer_col = {name: j for j, name in enumerate(layers)}
         if kind is None:
-            entries = ((step, layer, mask) for (step, layer), mask in self.decisions.items())
+            source = self.choices if by_lora else self.decisions
+            entries = ((step, layer, mask) for (step, layer), mask in source.items())
         else:
-            entries = ((step, layer, mask) for (step, layer, k), mask in self.by_kind.items() if k == kind)
+            source = self.kind_choices() if by_lora else self.by_kind
+            entries = ((step, layer, mask) for (step, layer, k), mask in source.items() if k == kind)
         for step, layer, mask in entries:
             if sample < mask.shape[0]:
                 matrix[step_row[step], layer_col[layer]] = float(mask[sample])
@@ -177,5 +245,6 @@ class GateState:
         self.batch = batch
         self.static_inputs.new_call()
 
-    def record(self, layer: str, subject_mask: torch.Tensor) -> None:
-        self.recorder.record(self.step, layer, subject_mask, self.cond_or_uncond)
+    def record(self, layer: str, choice: torch.Tensor, members: tuple[int, ...] | None = None) -> None:
+        """One layer's decision at this call: LoRA indices into `members` (a gate), or a fixed rule's values."""
+        self.recorder.record(self.step, layer, choice, self.cond_or_uncond, members)

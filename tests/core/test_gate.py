@@ -203,13 +203,102 @@ def test_on_a_device_without_float64_the_divergences_finish_on_the_cpu(monkeypat
     rule = gate_module.DivergenceRule()
     expected = rule("layer", base, subject, style, -1)
     seen = []
-    original = gate_module.delta_divergences
-    def spy(b, c, s, *rest):
+    original = gate_module.shift_divergences
+    def spy(b, deltas, *rest):
         seen.append((b.device.type, rest[-1]))
-        return original(b, c, s, *rest)
+        return original(b, deltas, *rest)
 
-    monkeypatch.setattr(gate_module, "delta_divergences", spy)
+    monkeypatch.setattr(gate_module, "shift_divergences", spy)
     monkeypatch.setattr(gate_module, "FLOAT64_LESS_DEVICES", frozenset({"cpu"}))
     got = rule("layer", base.requires_grad_(True), subject, style, -1)
     assert torch.equal(got, expected) and expected.tolist() == [True, False, False]
     assert seen == [("cpu", torch.device("cpu"))], "the float64 finish is asked to run on the CPU"
+
+
+# ---------------------------------------------------------------- N LoRAs (Eq. 13 as an argmax)
+
+def _real_layer(out_features, in_features, seed, logit_std=60.0):
+    """A Linear whose outputs have the spread of a real SDXL layer's (std of tens), and its input."""
+    generator = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(out_features, in_features, generator=generator) * logit_std / in_features ** 0.5)
+    return layer, generator
+
+
+def test_n_loras_pass_on_the_argmax_of_the_weighted_float64_divergences():
+    """N = 3 and 4 at an unbalanced real width: each sample's output is F + D_k of the k maximising
+    w_k d_k, with d_k the float64 KL of Eq. 11 written out from the materialised F + D_k."""
+    for count, width, seed in ((3, 1280, 5), (4, 640, 6)):
+        layer, generator = _real_layer(width, 320, seed)
+        ups = [torch.randn(width, 16, generator=generator) * 0.05 * (k + 1) for k in range(count)]
+        downs = [torch.randn(16, 320, generator=generator) * 0.05 for _ in range(count)]
+        x = torch.randn(count + 2, 24, 320, generator=generator)
+        for sample in range(count):  # each LoRA made to move one sample the most
+            downs_sample = downs[sample]
+            x[sample] += 3.0 * downs_sample[0]
+        weights = tuple(1.0 + 0.1 * k for k in range(count))
+        state = GateState()
+        state.begin_model_call(5.0)
+        rule = gate_module().DivergenceRule(weights=weights)
+        gate_ = LayerGate("blk.proj", state=state, rule=rule,
+                          deltas=[_linear_delta(u, d) for u, d in zip(ups, downs)])
+        with torch.no_grad():
+            out = gate_.forward(layer.forward, x)
+            base = layer(x)
+            tuned = [base + x @ (u @ d).T for u, d in zip(ups, downs)]
+        kl = torch.stack([divergence64(base, t - base, "kl", -1) for t in tuned])  # [N, B]
+        expected_choice = (kl * torch.tensor(weights, dtype=torch.float64)[:, None]).argmax(0)
+        assert len(set(expected_choice.tolist())) > 1, "the case must exercise several winners"
+        assert state.recorder.choices[(0, "blk.proj")].tolist() == expected_choice.float().tolist()
+        for sample, k in enumerate(expected_choice.tolist()):
+            assert torch.allclose(out[sample], tuned[k][sample], rtol=1e-5, atol=1e-3), (count, sample)
+
+
+def gate_module():
+    import plora_pack.plora_core.gate as module
+    return module
+
+
+def test_a_lora_with_a_huge_weight_wins_everywhere_and_members_name_the_set_positions():
+    layer, generator = _real_layer(96, 48, 7)
+    deltas = [_linear_delta(torch.randn(96, 4, generator=generator) * 0.1, torch.randn(4, 48, generator=generator))
+              for _ in range(3)]
+    state = GateState()
+    state.begin_model_call(3.0)
+    rule = gate_module().DivergenceRule(weights=(1.0, 1.0, 1.0, 1e9))  # the set's LoRA 3 dominates
+    gated = LayerGate("blk.proj", state=state, rule=rule, deltas=deltas, members=(0, 2, 3))
+    x = torch.randn(4, 10, 48, generator=generator)
+    with torch.no_grad():
+        out = gated.forward(layer.forward, x)
+        assert torch.allclose(out, layer(x) + deltas[2](x), atol=1e-4)
+    assert state.recorder.choices[(0, "blk.proj")].tolist() == [3.0] * 4
+    state.recorder.roles = ("subject", "style", "subject", "style")
+    assert state.recorder.decisions[(0, "blk.proj")].tolist() == [False] * 4  # LoRA 3 is a style
+
+
+def test_two_loras_as_a_set_decide_exactly_as_the_pair_rule_for_every_criterion():
+    """deltas=[c, s] with weights (1, bias) is the paper's `d_c >= bias * d_s` bit for bit (outputs and masks)."""
+    layer, generator = _real_layer(320, 160, 8)
+    subject = _linear_delta(torch.randn(320, 8, generator=generator) * 0.05, torch.randn(8, 160, generator=generator))
+    style = _linear_delta(torch.randn(320, 8, generator=generator) * 0.05, torch.randn(8, 160, generator=generator))
+    x = torch.randn(6, 33, 160, generator=generator)
+    x[:3] += 2.0 * subject.low_rank[0].down[0]  # the first samples move with the subject, the others with the style
+    x[3:] += 2.0 * style.low_rank[0].down[0]
+    for criterion in ("kl", "js", "cosine", "dot"):
+        for bias in (1.0, 1.3):
+            state = GateState()
+            state.begin_model_call(2.0)
+            rule = gate_module().DivergenceRule(criterion, bias)
+            gated = LayerGate("l", deltas=[subject, style], state=state, rule=rule)
+            with torch.no_grad():
+                out = gated.forward(layer.forward, x)
+                base = layer(x)
+                d_c, d_s = gated.deltas(x)  # the layer's own deltas (one stacked GEMM), as the pair gate forms them
+                _, expected_mask = gate(base, base + d_c, base + d_s, criterion, bias)
+                pair_mask = gate_module().choose_subject(
+                    *gate_module().delta_divergences(base, d_c, d_s, criterion, -1), bias)
+            assert state.recorder.decisions[(0, "l")].tolist() == pair_mask.tolist() == expected_mask.tolist()
+            assert bias != 1.0 or 0 < sum(pair_mask.tolist()) < len(pair_mask), "both LoRAs must win somewhere"
+            expected = torch.where(pair_mask.reshape(-1, 1, 1), base + d_c, base + d_s)
+            assert torch.equal(out, expected), (criterion, bias)
