@@ -130,3 +130,47 @@ def test_gradient_descent_on_pixels_lowers_residual(setup):
             x0 -= 0.5 * grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     final, _ = metric_residual(x0.detach(), setup["clip"], setup["dino"], setup["refs"])
     assert (final < history[0] - 1e-3).all(), (history[0], final)
+
+
+# ---------------------------------------------------------------- N LoRAs: one reference per LoRA
+
+def test_extended_residual_matches_the_formula_written_out_with_three_references(setup):
+    """Two subjects (the pair's subject reference and one more at a = 0.5) and a style: R of the module's
+    extended Eq. 19, against the hand-computed cosines."""
+    from plora_pack.plora_core.scores import embed_more_references
+
+    generator = torch.Generator().manual_seed(9)
+    second_subject = torch.rand(1, 3, 36, 36, generator=generator)
+    more = embed_more_references(setup["clip"], setup["dino"], [("subject", 0.5, second_subject)])
+    assert more[0].dino is None, "a subject reference takes no DINO term"
+    refs = ReferenceEmbeddings(setup["refs"].clip_subject, setup["refs"].clip_style, setup["refs"].dino_style, more)
+    content, clip_style, dino_style = hand_terms(setup)
+    with torch.no_grad():
+        gen = F.normalize(setup["clip_model"].encode_image(preprocess(setup["x0"], 32, OPENAI_MEAN, OPENAI_STD)), dim=-1)
+        ref2 = F.normalize(setup["clip_model"].encode_image(preprocess(second_subject, 32, OPENAI_MEAN, OPENAI_STD)), dim=-1)
+        content2 = (gen * ref2[0]).sum(-1)
+        w1, w2, w3 = 2.0, 1.0, 0.5
+        expected = 1 - (w1 * (content + 0.5 * content2) + w2 * clip_style + w3 * dino_style) / (w1 * 1.5 + w2 + w3)
+        r, terms = metric_residual(setup["x0"], setup["clip"], setup["dino"], refs, weights=(w1, w2, w3))
+    assert torch.allclose(r, expected, atol=1e-5), (r, expected, terms, content, content2)
+    assert torch.allclose(terms[CLIP_CONTENT], (content + 0.5 * content2) / 1.5, atol=1e-5)
+
+
+def test_a_reference_at_weight_zero_leaves_the_pairs_residual(setup):
+    from plora_pack.plora_core.scores import embed_more_references
+
+    generator = torch.Generator().manual_seed(10)
+    more = embed_more_references(setup["clip"], setup["dino"], [("style", 0.0, torch.rand(2, 3, 30, 30,
+                                                                                          generator=generator))])
+    refs = ReferenceEmbeddings(setup["refs"].clip_subject, setup["refs"].clip_style, setup["refs"].dino_style, more)
+    with torch.no_grad():
+        pair, _ = metric_residual(setup["x0"], setup["clip"], setup["dino"], setup["refs"])
+        extended, _ = metric_residual(setup["x0"], setup["clip"], setup["dino"], refs)
+    assert torch.allclose(pair, extended, atol=1e-6)
+
+
+def test_a_reference_with_an_unknown_role_is_refused(setup):
+    from plora_pack.plora_core.scores import embed_more_references
+
+    with pytest.raises(ValueError, match="subject or style"):
+        embed_more_references(setup["clip"], None, [("lighting", 1.0, setup["style"])])
