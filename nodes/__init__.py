@@ -1,19 +1,21 @@
-"""ComfyUI glue of the P-LoRA pack: node classes and their registration.
+"""The P-LoRA pack's ComfyUI nodes: one node class (or one family) per module, and their registration.
 
-Registration also wraps every node's FUNCTION with the numeric input checks of
-`input_checks`, and ties the pack's caches to ComfyUI's memory management (`memory_hooks`).
+Every module here is `<what>_node.py` (or `<what>_nodes.py` for a family) and holds node classes only;
+what installs the core into ComfyUI is in `glue/`. Registration also wraps every node's FUNCTION with
+the numeric input checks of `glue/input_checks.py`, and ties the pack's caches to ComfyUI's memory
+management (`glue/memory_hooks.py`).
 """
 
+from ..glue.encoders import register_model_folders
+from ..glue.input_checks import add_input_checks
+from ..glue.memory_hooks import install_memory_hooks, release_caches  # noqa: F401  (release_caches: for tools/tests)
+from ..glue.routes import register_routes
 from .comparison_grid_node import PLoRAComparisonGrid
-from .encoder_nodes import (LoadPLoRACLIPEncoder, LoadPLoRADINOEncoder, PLoRAEncoderFromCLIPVision,
-                            register_model_folders)
+from .encoder_nodes import LoadPLoRACLIPEncoder, LoadPLoRADINOEncoder, PLoRAEncoderFromCLIPVision
 from .guidance_model_node import PLoRAMetricGuidance
-from .guidance_sampler import PosteriorMetricGuidanceSampler
-from .input_checks import add_input_checks
-from .load_pair import LoadSubjectStyleLoRA
-from .memory_hooks import install_memory_hooks, release_caches  # noqa: F401  (release_caches: for tools/tests)
+from .guidance_sampler_node import PosteriorMetricGuidanceSampler
+from .load_pair_node import LoadSubjectStyleLoRA
 from .patcher_node import PLoRAModelPatcher
-from .routes import register_routes
 from .score_node import PLoRAScore
 from .selection_map_node import PLoRASelectionMap
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from ..glue import host
 from ..plora_core.image_grid import labelled_grid
-from . import host
 
 DEFAULT_LABELS = "Direct merge\nPFK only (KL gate)\nPMK only (guidance)\nP-LoRA (PFK + PMK)"
 

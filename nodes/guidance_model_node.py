@@ -2,14 +2,14 @@
 
 The guided MODEL works with any sampler node (KSampler, KSamplerAdvanced, SamplerCustomAdvanced
 with any guider, other packs' samplers that go through ComfyUI's guider): each run's sigmas,
-sampler and cfg are read when it starts (nodes/guidance.py). The widgets, their checks and the
+sampler and cfg are read when it starts (glue/guidance.py). The widgets, their checks and the
 reference embedding are shared with PosteriorMetricGuidanceSampler.
 """
 
 from __future__ import annotations
 
-from .guidance import install_guidance
-from .guidance_widgets import GuidanceWidgets, guidance_inputs
+from ..glue.guidance import install_guidance
+from ..glue.guidance_widgets import GuidanceWidgets, guidance_inputs
 
 
 class PLoRAMetricGuidance:

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
+from ..glue.gate import METHODS, build_gated_model
+from ..glue.lora_loading import PAIR_TYPE
 from ..plora_core.divergence import DIVERGENCES
 from ..plora_core.fusion_rules import KLORA_PRESETS
-from .gate import METHODS, build_gated_model
-from .load_pair import PAIR_TYPE
 
 
 class PLoRAModelPatcher:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import math
 
+from ..glue import host
+from ..glue.encoders import ENCODER_TYPE
 from ..plora_core.image_preprocess import to_nchw
 from ..plora_core.paper_metrics import LABELS, METRICS, format_table, paper_scores
-from . import host
-from .encoder_nodes import ENCODER_TYPE
 
 logger = logging.getLogger("plora")
 

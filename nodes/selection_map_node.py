@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
+from ..glue.gate import gate_state_of, gated_layers
 from ..plora_core.recorder import COND, UNCOND
 from ..plora_core.selection_map import blank_map, recorded_images, selection_map
-from .gate import gate_state_of, gated_layers
 
 logger = logging.getLogger("plora")
 

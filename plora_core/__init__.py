@@ -10,5 +10,6 @@ Posterior metric knowledge (section 4.2, Eq. 14-20):
 - `image_preprocess`, `encoders`: differentiable CLIP and DINO image encoders;
 - `scores`: the score R of Eq. 16-19; `guidance`: the guided step of Eq. 20 in sampler space.
 
-Files: `lora_file` reads LoRA files, `lora_info` tells what a file was made for.
+Files: `lora_file` reads LoRA files, `lora_info` tells what a file was made for; `files` holds the
+checks and names shared with the encoder loaders, `sized_cache` the byte-bounded cache both use.
 """

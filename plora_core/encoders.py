@@ -34,8 +34,9 @@ from collections.abc import Sequence
 import torch
 
 from .image_preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
-from .lora_file import (GIB, SizedCache, file_kind, is_torchscript_archive, is_utf8_path, read_safetensors_bytes,
-                        regular_file_stat, scrub, shown_name)
+from .files import (file_kind, is_torchscript_archive, is_utf8_path, read_safetensors_bytes, regular_file_stat, scrub,
+                    shown_name)
+from .sized_cache import GIB, SizedCache
 
 logger = logging.getLogger("plora")
 

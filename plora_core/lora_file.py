@@ -1,17 +1,15 @@
 """Reading LoRA files from disk: tensors, metadata, checks, and a cache bounded in bytes.
 
-Only regular files are opened (never a FIFO, a device or a directory: those would block or
-mislead the reader), safetensors files (`.safetensors`, `.sft`) through safetensors and
-PyTorch pickles (`.pt`, `.pth`, `.ckpt`, `.bin`) only through `torch.load(weights_only=True)`;
-any other file is refused without being read. Error messages name the file by the name the
-caller gives (the name in ComfyUI's model folder), never by its path on the server, and with the
-bytes of a name that is not valid UTF-8 escaped (`shown_name`): a lone surrogate in a message or
-log line kills the log writer of the server that prints it. Such files are still read.
+Files are opened as `files` allows (regular files only; safetensors files (`.safetensors`, `.sft`)
+through safetensors and PyTorch pickles (`.pt`, `.pth`, `.ckpt`, `.bin`) only through
+`torch.load(weights_only=True)`); any other file is refused without being read. Error messages name
+the file by the name the caller gives (the name in ComfyUI's model folder), never by its path on the
+server, printable (`files.shown_name`); files whose names are not valid UTF-8 are still read.
 
 Parsed files are cached at module level keyed by (path, modification time, size), so a node
 that runs again on the same files does not read them again, and an edited file is read anew.
-The cache holds at most `LORA_CACHE.limit` bytes of tensors and is emptied when ComfyUI frees
-memory (see `nodes/__init__.py`).
+The cache (`LORA_CACHE`, a `SizedCache`) holds at most `LORA_CACHE.limit` bytes of tensors and is
+emptied when ComfyUI frees memory (see `glue/memory_hooks.py`).
 """
 
 from __future__ import annotations
@@ -19,21 +17,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import stat
-import threading
-import zipfile
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from .files import (file_kind, is_torchscript_archive, is_utf8_path, read_safetensors_bytes, regular_file_stat, scrub,
+                    shown_name)
+from .sized_cache import GIB, SizedCache
+
 logger = logging.getLogger("plora")
 
-SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
 HEADER_LIMIT = 100 * 1024 ** 2  # safetensors' own limit on the JSON header
-PICKLE_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin")
-GIB = 1024 ** 3
 
 
 class LoraFileError(ValueError):
@@ -55,66 +49,6 @@ class LoraFile:
         return self.label or os.path.basename(self.path)
 
 
-class SizedCache:
-    """A least-recently-used cache bounded by the bytes its values hold (not by their count).
-
-    A value larger than the whole limit is returned to its caller but not kept. Thread-safe:
-    ComfyUI's worker thread fills it while the server's event loop may read its size.
-    """
-
-    def __init__(self, limit_bytes: int, size_of: Callable[[object], int]):
-        self.limit = int(limit_bytes)
-        self._size_of = size_of
-        self._entries: OrderedDict[tuple, tuple[object, int]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple):
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return None
-            self._entries.move_to_end(key)
-            return entry[0]
-
-    def put(self, key: tuple, value):
-        size = int(self._size_of(value))
-        with self._lock:
-            self._entries.pop(key, None)
-            if size <= self.limit:
-                self._entries[key] = (value, size)
-            self._evict()
-        return value
-
-    def set_limit(self, limit_bytes: int) -> None:
-        with self._lock:
-            self.limit = int(limit_bytes)
-            self._evict()
-
-    def _evict(self) -> None:
-        total = sum(size for _, size in self._entries.values())
-        while total > self.limit and self._entries:
-            _, (_, size) = self._entries.popitem(last=False)
-            total -= size
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @property
-    def nbytes(self) -> int:
-        with self._lock:
-            return sum(size for _, size in self._entries.values())
-
-    def info(self) -> dict:
-        """{"entries", "bytes", "limit_bytes"}, for the cache route and tests."""
-        with self._lock:
-            return {"entries": len(self._entries), "bytes": sum(s for _, s in self._entries.values()),
-                    "limit_bytes": self.limit}
-
-
 def tensors_nbytes(tensors) -> int:
     return sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor))
 
@@ -125,75 +59,6 @@ LORA_CACHE = SizedCache(2 * GIB, lambda lora: tensors_nbytes(lora.tensors.values
 def clear_lora_cache() -> None:
     """Forget every parsed LoRA (its memory is freed once no node output holds it)."""
     LORA_CACHE.clear()
-
-
-def shown_name(name) -> str:
-    """`name` safe to print: the bytes of a file name that is not valid UTF-8 (lone surrogates in the str,
-    e.g. from an unzipped Latin-1 or CP932 archive) written as escapes: b'caf\\xe9' -> 'caf\\xe9'."""
-    name = str(name)
-    try:
-        return os.fsencode(name).decode("utf-8", "backslashreplace")
-    except UnicodeError:  # a surrogate that no file name decodes to (e.g. '\\ud800' from JSON)
-        return name.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def is_utf8_path(path: str) -> bool:
-    """True when `path` encodes to UTF-8 as it is (safetensors' Rust reader takes no other path)."""
-    try:
-        path.encode("utf-8")
-    except UnicodeError:
-        return False
-    return True
-
-
-def regular_file_stat(path: str) -> os.stat_result | None:
-    """os.stat of `path` when it is a regular file (symlinks followed), else None.
-
-    Checked before any open: a FIFO would block the reader, a device or directory would
-    mislead it.
-    """
-    try:
-        info = os.stat(path)
-    except (OSError, ValueError):  # ValueError: a NUL byte in the path
-        return None
-    return info if stat.S_ISREG(info.st_mode) else None
-
-
-def is_torchscript_archive(path: str) -> bool:
-    """A TorchScript archive (a zip holding constants.pkl): loading it with torch.jit runs code from the file."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name == "constants.pkl" or name.endswith("/constants.pkl") for name in archive.namelist())
-
-
-def file_kind(path: str) -> str | None:
-    """'safetensors', 'pickle' or None (not a weights file the pack reads), from the extension alone."""
-    lower = path.lower()
-    if lower.endswith(SAFETENSORS_EXTENSIONS):
-        return "safetensors"
-    if lower.endswith(PICKLE_EXTENSIONS):
-        return "pickle"
-    return None
-
-
-def _spellings(path: str) -> list[str]:
-    """How a library may print `path`: as given, escaped, or with U+FFFD for the bytes that are not UTF-8."""
-    escaped = shown_name(path)
-    replaced = os.fsencode(path).decode("utf-8", "replace") if path else path
-    return sorted({path, escaped, replaced, repr(path)[1:-1]}, key=len, reverse=True)
-
-
-def scrub(text: str, path: str, label: str) -> str:
-    """A library's error text with the file's server path (and its folder) replaced by its name, safe to
-    print (see `shown_name`)."""
-    folder = os.path.dirname(path)
-    for spelling in _spellings(path):
-        text = text.replace(spelling, label)
-    if folder:
-        for spelling in _spellings(folder):
-            text = text.replace(spelling + os.sep, "").replace(spelling, "<model folder>")
-    return shown_name(text)
 
 
 def _read_safetensors(path: str, label: str, should_stop=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -210,15 +75,6 @@ def _read_safetensors(path: str, label: str, should_stop=None) -> tuple[dict[str
                 should_stop()
             tensors[key] = handle.get_tensor(key)
     return tensors, metadata
-
-
-def read_safetensors_bytes(path: str, label: str) -> dict[str, torch.Tensor]:
-    """A safetensors file read through Python's open (any file name the OS takes) and parsed from memory."""
-    from safetensors.torch import load
-
-    with open(path, "rb") as handle:
-        data = handle.read()
-    return load(data)
 
 
 def _read_pickle(path: str, label: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -340,11 +196,3 @@ def _shape(entry) -> tuple[int, ...]:
                                               for n in shape):
         raise ValueError(f"a tensor entry has no valid shape: {str(entry)[:80]}")
     return tuple(shape)
-
-
-def metadata_json(metadata: dict[str, str], key: str):
-    """A JSON-valued metadata entry (kohya stores several), or None when absent or invalid."""
-    try:
-        return json.loads(metadata[key])
-    except (KeyError, ValueError, TypeError):
-        return None

@@ -17,7 +17,7 @@ from collections import Counter
 
 import torch
 
-from .lora_file import metadata_json
+from .files import metadata_json
 
 UNKNOWN = "unknown"
 FLUX, FLUX2, CHROMA, QWEN_IMAGE, HIDREAM = "Flux", "Flux.2", "Chroma", "Qwen-Image", "HiDream"

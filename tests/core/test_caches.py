@@ -7,7 +7,8 @@ from safetensors.torch import save_file
 
 from plora_pack.plora_core import encoders
 from plora_pack.plora_core.encoders import ENCODER_CACHE, ImageEncoder, load_open_clip_encoder, release_encoders
-from plora_pack.plora_core.lora_file import LORA_CACHE, SizedCache, clear_lora_cache, read_lora_file
+from plora_pack.plora_core.lora_file import LORA_CACHE, clear_lora_cache, read_lora_file
+from plora_pack.plora_core.sized_cache import SizedCache
 
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,8 @@ def test_each_file_of_the_pack_is_one_module_object():
         if not file:
             continue
         path = Path(file).resolve()
-        if path.is_relative_to(ROOT) and path.relative_to(ROOT).parts[0] in ("__init__.py", "nodes", "plora_core"):
+        pack_parts = ("__init__.py", "nodes", "glue", "plora_core")
+        if path.is_relative_to(ROOT) and path.relative_to(ROOT).parts[0] in pack_parts:
             objects.setdefault(path, set()).add(id(module))
     assert ROOT / "plora_core" / "gate.py" in objects
     assert {p: len(ids) for p, ids in objects.items() if len(ids) > 1} == {}

@@ -37,7 +37,8 @@ def test_every_node_has_a_help_page_and_every_workflow_a_thumbnail():
 
 
 def test_the_pack_installs_nothing_at_import_time():
-    package_files = [ROOT / "__init__.py", *(ROOT / "nodes").glob("*.py"), *(ROOT / "plora_core").glob("*.py")]
+    package_files = [ROOT / "__init__.py", *(ROOT / "nodes").glob("*.py"), *(ROOT / "glue").glob("*.py"),
+                     *(ROOT / "plora_core").glob("*.py")]
     for path in package_files:
         text = path.read_text()
         assert "subprocess" not in text and "pip install" not in text and "pip.main" not in text, path
@@ -61,10 +62,20 @@ def test_the_frontend_extension_uses_only_the_public_frontend_api():
 
 
 def test_host_py_is_the_only_module_that_imports_comfyui():
-    """comfy, folder_paths and server are reached only through nodes/host.py (plora_core never)."""
+    """comfy, folder_paths and server are reached only through glue/host.py (nodes and plora_core never)."""
     pattern = re.compile(r"^\s*(import|from)\s+(comfy(_extras|_api|_execution)?|folder_paths|server|nodes)\b", re.M)
-    offenders = [str(path.relative_to(ROOT)) for folder in ("nodes", "plora_core")
-                 for path in sorted((ROOT / folder).glob("*.py"))
-                 if path.name != "host.py" or folder != "nodes"
-                 if pattern.search(path.read_text())]
+    modules = [ROOT / "__init__.py"] + [path for folder in ("nodes", "glue", "plora_core")
+                                        for path in sorted((ROOT / folder).glob("*.py"))]
+    assert (ROOT / "glue" / "host.py") in modules and (ROOT / "nodes" / "patcher_node.py") in modules
+    offenders = [str(path.relative_to(ROOT)) for path in modules
+                 if path != ROOT / "glue" / "host.py" and pattern.search(path.read_text())]
     assert offenders == []
+
+
+def test_nodes_holds_only_node_modules_and_glue_no_nodes():
+    """nodes/: `<what>_node.py` or `<what>_nodes.py` (a family), each defining node classes (INPUT_TYPES);
+    glue/ (what installs the core into ComfyUI) defines none."""
+    node_modules = sorted(p for p in (ROOT / "nodes").glob("*.py") if p.name != "__init__.py")
+    assert node_modules and [p.name for p in node_modules if not re.fullmatch(r"\w+_nodes?\.py", p.name)] == []
+    assert [p.name for p in node_modules if "def INPUT_TYPES" not in p.read_text()] == []
+    assert [p.name for p in (ROOT / "glue").glob("*.py") if "def INPUT_TYPES" in p.read_text()] == []

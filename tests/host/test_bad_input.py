@@ -94,7 +94,7 @@ def test_both_strengths_zero_returns_the_model_itself(pack, model, good_files):
 
 def test_one_strength_zero_is_a_plain_merge_of_the_other(pack, model, good_files):
     patched = patch(pack, model, load(pack, *good_files, 0.0, 1.0))
-    assert not pack.nodes.gate.gated_layers(patched) and patched.patches
+    assert not pack.glue.gate.gated_layers(patched) and patched.patches
     assert_untouched(model)
 
 

@@ -38,14 +38,14 @@ def test_flux_fused_layers_are_gated_with_row_slices(pack, tmp_path):
     style = ai_toolkit_lora(tmp_path / "style_flux.safetensors", seed=2)
     pair, _ = pack.nodes.LoadSubjectStyleLoRA().load(str(subject), 1.0, str(style), 1.0)
     patched = pack.nodes.PLoRAModelPatcher().patch(model, pair, "kl", 1.0, 0.0, 1.0)[0]
-    gated = sorted(pack.nodes.gate.gated_layers(patched))
+    gated = sorted(pack.glue.gate.gated_layers(patched))
     assert gated == ["diffusion_model.double_blocks.0.img_attn.qkv", "diffusion_model.single_blocks.0.linear1"]
-    parts = pack.nodes.gate.gated_layers(patched)["diffusion_model.single_blocks.0.linear1"].subject.low_rank
+    parts = pack.glue.gate.gated_layers(patched)["diffusion_model.single_blocks.0.linear1"].subject.low_rank
     assert sorted(p.rows for p in parts) == [(0, HIDDEN), (2 * HIDDEN, HIDDEN), (3 * HIDDEN, 4 * HIDDEN)]
     fused = flux_sample(patched)
     assert torch.isfinite(fused).all()
     assert not torch.allclose(fused, flux_sample(model), atol=1e-4)
-    state = pack.nodes.gate.gate_state_of(patched)
+    state = pack.glue.gate.gate_state_of(patched)
     assert state.recorder.steps() == [0, 1, 2]
     # one decision per row slice, as the paper's diffusers Flux has separate layers
     qkv, linear1 = "diffusion_model.double_blocks.0.img_attn.qkv", "diffusion_model.single_blocks.0.linear1"
@@ -70,7 +70,7 @@ def test_subject_on_q_and_style_on_v_of_one_fused_layer_are_both_applied(pack, t
     style = single_projection_lora(tmp_path / "v.safetensors", "to_v", seed=5)
     pair, _ = pack.nodes.LoadSubjectStyleLoRA().load(str(subject), 1.0, str(style), 1.0)
     patched = pack.nodes.PLoRAModelPatcher().patch(model, pair, "kl", 1.0, 0.0, 1.0)[0]
-    assert list(pack.nodes.gate.gated_layers(patched)) == ["diffusion_model.double_blocks.0.img_attn.qkv"]
+    assert list(pack.glue.gate.gated_layers(patched)) == ["diffusion_model.double_blocks.0.img_attn.qkv"]
 
     import comfy.sd
     from plora_pack.plora_core.lora_file import read_lora_file
@@ -81,7 +81,7 @@ def test_subject_on_q_and_style_on_v_of_one_fused_layer_are_both_applied(pack, t
     fused, merged, base = flux_sample(patched), flux_sample(both), flux_sample(model)
     assert not torch.allclose(merged, base, atol=1e-3)
     assert torch.allclose(fused, merged, atol=1e-4, rtol=1e-4)
-    state = pack.nodes.gate.gate_state_of(patched)
+    state = pack.glue.gate.gate_state_of(patched)
     qkv = "diffusion_model.double_blocks.0.img_attn.qkv"
     for step in state.recorder.steps():
         assert bool(state.recorder.decisions[(step, f"{qkv}[to_q]")].all())  # the subject's rows
@@ -95,8 +95,8 @@ def test_flux_row_slice_delta_equals_the_dense_merge(pack, tmp_path, dim):
 
     model = tiny_flux()
     lora = ai_toolkit_lora(tmp_path / "one.safetensors", seed=3)
-    from plora_pack.nodes.gate import LoraChoice, layer_delta
-    from plora_pack.nodes.lora_mapping import map_lora_onto_model
+    from plora_pack.glue.gate import LoraChoice, layer_delta
+    from plora_pack.glue.lora_mapping import map_lora_onto_model
     from plora_pack.plora_core.deltas import LayerGeometry
     from plora_pack.plora_core.lora_file import read_lora_file
 

@@ -30,7 +30,7 @@ def pair_and_model(tmp_path, pack):
 def _run(pack, model, pair, criterion="kl", **kwargs):
     patched = pack.nodes.PLoRAModelPatcher().patch(model, pair, criterion, 1.0, 0.0, 1.0)[0]
     image = sample(patched, steps=STEPS, **kwargs)
-    decisions = pack.nodes.gate.gate_state_of(patched).recorder.decisions
+    decisions = pack.glue.gate.gate_state_of(patched).recorder.decisions
     return image, {key: mask.clone() for key, mask in decisions.items()}
 
 
@@ -61,7 +61,7 @@ def test_fused_path_gives_the_eager_image(pair_and_model, pack, monkeypatch, cri
     real = fused_gate.launch
     monkeypatch.setattr(fused_gate, "launch", lambda name, *a, **k: launches.append(name) or real(name, *a, **k))
     fused_image, fused_decisions = _run(pack, model, pair, criterion)
-    context_fed = [p for p in attention if pack.nodes.gate.fed_by_context(p)]
+    context_fed = [p for p in attention if pack.glue.gate.fed_by_context(p)]
     computed = (len(attention) - len(context_fed)) * STEPS + len(context_fed)  # k/v: once per run (one context)
     assert launches.count("plora_parts") == computed and len(launches) == 3 * computed
     assert fused_decisions.keys() == eager_decisions.keys() and len(fused_decisions) == len(attention) * STEPS
@@ -89,7 +89,7 @@ def test_cached_context_layers_equal_per_step_recomputation_when_the_conditionin
     cached_image, cached_decisions = _run(pack, model, pair, positive=positive)
     cached_calls = list(calls)
     calls.clear()
-    monkeypatch.setattr(pack.nodes.gate, "fed_by_context", lambda path: False)  # every layer computed each step
+    monkeypatch.setattr(pack.glue.gate, "fed_by_context", lambda path: False)  # every layer computed each step
     plain_image, plain_decisions = _run(pack, model, pair, positive=positive)
 
     context_fed = [p for p in attention if p.endswith((".attn2.to_k", ".attn2.to_v"))]

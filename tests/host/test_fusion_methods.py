@@ -64,8 +64,8 @@ def test_direct_equals_two_loraloaders(pack, pair_files):
     for file in (subject, style):
         loaded = comfy.sd.load_lora_for_models(loaded, None, comfy.utils.load_torch_file(str(file)), 1.0, 0)[0]
     assert torch.allclose(sample(direct), sample(loaded), rtol=1e-5, atol=1e-5)
-    assert not pack.nodes.gate.gated_layers(direct), "direct merges, it gates nothing"
-    state = pack.nodes.gate.gate_state_of(direct)
+    assert not pack.glue.gate.gated_layers(direct), "direct merges, it gates nothing"
+    state = pack.glue.gate.gate_state_of(direct)
     assert state.recorder.choice(0, sorted(state.recorder.layers())[0], 0) == "both", "the map shows both LoRAs"
 
 
@@ -109,7 +109,7 @@ def test_k_lora_choices_equal_its_rule_written_out(pack, pair_files, monkeypatch
 
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
     expected = k_lora_oracle(subject, style, order, sigmas.tolist(), preset)
-    recorder = pack.nodes.gate.gate_state_of(patched).recorder
+    recorder = pack.glue.gate.gate_state_of(patched).recorder
     got = {(step, layer): bool(recorder.decisions[(step, layer)].all()) for step in range(steps) for layer in order}
     assert all(bool(m.all()) == bool(m.any()) for m in recorder.decisions.values()), "one choice per layer and step"
     assert got == expected
@@ -135,7 +135,7 @@ def tiny_sdxl():
 
 def test_b_lora_keeps_the_subject_in_the_content_block_and_the_style_in_the_style_block(pack, tmp_path):
     model = tiny_sdxl()
-    assert pack.nodes.host.model_family(model) == "SDXL"
+    assert pack.glue.host.model_family(model) == "SDXL"
     paths = attention_paths(model)
     content = [p for p in paths if p.startswith("diffusion_model.output_blocks.0.1.")]
     style_block = [p for p in paths if p.startswith("diffusion_model.output_blocks.1.1.")]
@@ -154,14 +154,14 @@ def test_b_lora_keeps_the_subject_in_the_content_block_and_the_style_in_the_styl
         up = entry[1].weights[0] if hasattr(entry[1], "weights") else entry[1][1][0]
         lora = subject if path in content else style
         assert torch.equal(up, load_file(str(lora))[f"{kohya_key(path)}.lora_up.weight"])
-    assert not pack.nodes.gate.gated_layers(patched)
+    assert not pack.glue.gate.gated_layers(patched)
 
 
 def test_b_lora_on_another_architecture_says_what_to_do(pack, pair_files):
     model, pair, *_ = pair_files
     with pytest.raises(ValueError, match="B-LoRA routing is defined for SDXL only.*SD1.5"):
         patch(pack, model, pair, "b-lora")
-    assert not model.patches and not pack.nodes.gate.gated_layers(model)
+    assert not model.patches and not pack.glue.gate.gated_layers(model)
 
 
 def test_an_unknown_method_is_refused(pack, pair_files):
@@ -175,23 +175,23 @@ def test_k_lora_runs_on_every_host_and_differs_from_direct(pack, pair_files):
     model, pair, paths, *_ = pair_files
     k_lora = patch(pack, model, pair, "k-lora")
     fused = sample(k_lora)
-    recorder = pack.nodes.gate.gate_state_of(k_lora).recorder
+    recorder = pack.glue.gate.gate_state_of(k_lora).recorder
     assert sorted(recorder.layers()) == sorted(paths) and recorder.steps() == [0, 1, 2, 3]
     assert not torch.allclose(fused, sample(patch(pack, model, pair, "direct")), atol=1e-4)
 
 
 def test_k_lora_top_k_sums_are_computed_once_per_pair_of_files(pack, pair_files, monkeypatch, tmp_path):
     model, pair, paths, subject, style = pair_files
-    pack.nodes.gate._KLORA_SCORES.clear()
+    pack.glue.gate._KLORA_SCORES.clear()
     calls = []
-    original = pack.nodes.gate.klora_layer_scores
-    monkeypatch.setattr(pack.nodes.gate, "klora_layer_scores", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    original = pack.glue.gate.klora_layer_scores
+    monkeypatch.setattr(pack.glue.gate, "klora_layer_scores", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     first = patch(pack, model, pair, "k-lora", "s*")
     assert len(calls) == len(paths)
     second = patch(pack, model, pair, "k-lora", "s")  # another preset: the same sums
     assert len(calls) == len(paths)
-    assert pack.nodes.gate.gated_layers(second)[paths[0]].rule.rule.scores == \
-        pack.nodes.gate.gated_layers(first)[paths[0]].rule.rule.scores
+    assert pack.glue.gate.gated_layers(second)[paths[0]].rule.rule.scores == \
+        pack.glue.gate.gated_layers(first)[paths[0]].rule.rule.scores
     import os
     import time
 

@@ -127,9 +127,9 @@ def test_every_decision_in_a_sampling_run_matches_float64(pack, tmp_path, monkey
     monkeypatch.setattr(rule, "__call__", capture)
     sample(patched, steps=3)
     # cross-attention k/v see the same context at every step: decided once, reused (and recorded) after
-    fed = [p for p in paths if pack.nodes.gate.fed_by_context(p)]
+    fed = [p for p in paths if pack.glue.gate.fed_by_context(p)]
     assert fed and len(calls) >= 3 * len(paths) - 2 * len(fed), "every gated layer ran at every step"
-    recorder = pack.nodes.gate.gate_state_of(patched).recorder
+    recorder = pack.glue.gate.gate_state_of(patched).recorder
     assert len(recorder.decisions) == 3 * len(paths), "and every (step, layer) was recorded"
 
     clear = wrong = near = 0

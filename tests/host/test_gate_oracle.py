@@ -78,9 +78,9 @@ def test_style_bias_zero_is_the_subject_alone_and_a_huge_one_the_style_alone(pac
     assert not torch.allclose(subject_only, style_only, atol=1e-3)  # the two oracles can be told apart
 
     gated_subject = patcher.patch(model, pair, "kl", 0.0, 0.0, 1.0)[0]
-    assert sorted(pack.nodes.gate.gated_layers(gated_subject)) == sorted(shapes)
+    assert sorted(pack.glue.gate.gated_layers(gated_subject)) == sorted(shapes)
     assert torch.allclose(sample(gated_subject), subject_only, rtol=1e-4, atol=1e-5)
 
     # past the node's input range (0-10), so through the function behind it
-    gated_style = pack.nodes.gate.build_gated_model(model, pair, "kl", style_bias=1e20)
+    gated_style = pack.glue.gate.build_gated_model(model, pair, "kl", style_bias=1e20)
     assert torch.allclose(sample(gated_style), style_only, rtol=1e-4, atol=1e-5)

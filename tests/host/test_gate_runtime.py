@@ -35,7 +35,7 @@ def test_a_rebuilt_model_instance_runs_gated_with_its_own_weights(gated, pack):
     rebuilt = rebuilt_like_newer_comfyui(patched)
     assert rebuilt.model is not patched.model
     assert torch.equal(sample(rebuilt), fused), "the copy is the same model: the same image"
-    state = pack.nodes.gate.gate_state_of(rebuilt)
+    state = pack.glue.gate.gate_state_of(rebuilt)
     assert state.recorder.steps() and len(state.recorder.layers()) == len(paths), "the copy ran gated"
 
     layer = next(p for p in paths if p.endswith("attn1.to_v"))  # (tiny random attention is near uniform in q, k)

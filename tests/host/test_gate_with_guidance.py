@@ -47,8 +47,8 @@ def guided_steps(log: str) -> list[int]:
 
 
 def test_exact_guidance_on_a_gated_model(pack, gated, encoders):
-    state = pack.nodes.gate.gate_state_of(gated)
-    assert all(g.deltas._cache == {} for g in pack.nodes.gate.gated_layers(gated).values())  # nothing cached yet
+    state = pack.glue.gate.gate_state_of(gated)
+    assert all(g.deltas._cache == {} for g in pack.glue.gate.gated_layers(gated).values())  # nothing cached yet
     latent, log = guided(pack, gated, encoders)
     assert guided_steps(log) == list(range(STEPS))
     assert torch.isfinite(latent["samples"]).all()
@@ -60,7 +60,7 @@ def test_exact_guidance_on_a_gated_model(pack, gated, encoders):
 def test_exact_guidance_after_an_unguided_run_of_the_same_model(pack, gated, encoders):
     with torch.inference_mode():
         unguided = sample(gated, steps=STEPS, seed=3)  # caches the factors as inference tensors
-    cached = next(iter(pack.nodes.gate.gated_layers(gated).values())).deltas._cache  # the DeltaStack's factors
+    cached = next(iter(pack.glue.gate.gated_layers(gated).values())).deltas._cache  # the DeltaStack's factors
     assert cached and all(t.is_inference() for factors in cached.values() for t in factors)
     latent, log = guided(pack, gated, encoders)
     assert guided_steps(log) == list(range(STEPS))

@@ -31,7 +31,7 @@ def lora_loader(model, file, strength=1.0):
     ComfyUI's own LoraLoader does not read plain peft attention names (`attn1.to_q`), so the
     style file goes through the pack's mapping; the kohya file gives the same either way.
     """
-    from plora_pack.nodes.lora_mapping import map_lora_onto_model
+    from plora_pack.glue.lora_mapping import map_lora_onto_model
     from plora_pack.plora_core.lora_file import read_lora_file
 
     merged = model.clone()
@@ -50,7 +50,7 @@ def test_gate_changes_sampling_and_records_every_layer_and_step(setup, pack):
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
     patched = pack.nodes.PLoRAModelPatcher().patch(model, pair, "kl", 1.0, 0.0, 1.0)[0]
     assert patched is not model and not model.object_patches and not model.patches
-    assert not pack.nodes.gate.gated_layers(model) and pack.nodes.gate.gated_layers(patched)
+    assert not pack.glue.gate.gated_layers(model) and pack.glue.gate.gated_layers(patched)
     assert "model_function_wrapper" not in model.model_options
 
     base = sample(model)
@@ -61,7 +61,7 @@ def test_gate_changes_sampling_and_records_every_layer_and_step(setup, pack):
     for other in (base, subject_only, style_only, direct):
         assert not torch.allclose(fused, other, atol=1e-4)
 
-    state = pack.nodes.gate.gate_state_of(patched)
+    state = pack.glue.gate.gate_state_of(patched)
     assert state.recorder.steps() == list(range(STEPS))
     assert sorted(state.recorder.layers()) == attention  # exactly the layers both LoRAs touch
     for mask in state.recorder.decisions.values():
@@ -87,7 +87,7 @@ def test_decisions_are_per_sample_in_a_multi_prompt_batch(setup, pack):
 
     sample(patched, positive=sd15_conditioning(batch=2, seed=5), negative=sd15_conditioning(batch=2, seed=6),
            latent_shape=(2, 4, 8, 8))
-    masks = pack.nodes.gate.gate_state_of(patched).recorder.decisions.values()
+    masks = pack.glue.gate.gate_state_of(patched).recorder.decisions.values()
     assert all(m.shape == (4,) for m in masks)
 
 
@@ -96,7 +96,7 @@ def test_window_outside_the_run_equals_direct_merge(setup, pack):
     never = pack.nodes.PLoRAModelPatcher().patch(model, pair, "kl", 1.0, 1.0, 1.0)[0]
     direct = sample(lora_loader(lora_loader(model, subject_file), style_file))
     assert torch.allclose(sample(never), direct, atol=1e-4)
-    assert pack.nodes.gate.gate_state_of(never).recorder.steps() == []
+    assert pack.glue.gate.gate_state_of(never).recorder.steps() == []
 
 
 @pytest.mark.parametrize("criterion", ["js", "cosine"])
@@ -180,7 +180,7 @@ def test_bfloat16_model(pack, tmp_path):
     patched = pack.nodes.PLoRAModelPatcher().patch(model, pair, "kl", 1.0, 0.0, 1.0)[0]
     out = sample(patched)
     assert torch.isfinite(out).all()
-    assert pack.nodes.gate.gate_state_of(patched).recorder.steps() == list(range(STEPS))
+    assert pack.glue.gate.gate_state_of(patched).recorder.steps() == list(range(STEPS))
 
 
 def test_selection_map_node_draws_the_last_run(setup, pack):

@@ -128,14 +128,14 @@ def test_vp_units_scale_the_fast_euler_step(pack, encoders, references):
         return callback
 
     m = 300.0  # J(s0) is 1/214 here: a large m keeps the shift far above x's float32 rounding
-    sigmas = pack.nodes.host.schedule_sigmas(model, STEPS, "euler", "normal", 1.0)
+    sigmas = pack.glue.host.schedule_sigmas(model, STEPS, "euler", "normal", 1.0)
     for name, scale in (("plain", 0.0), ("guided", m)):
         guided = model
         if scale:
             refs = embed_references(clip, dino, to_nchw(references[0]), to_nchw(references[1]))
-            settings = pack.nodes.guidance.GuidanceSettings(vae, clip, dino, refs, (1.0, 1.0, 1.0), scale, "fast",
+            settings = pack.glue.guidance.GuidanceSettings(vae, clip, dino, refs, (1.0, 1.0, 1.0), scale, "fast",
                                                             0.0, 0.3, 1, units="variance-preserving")
-            guided, hooks = pack.nodes.guidance.install_guidance(model, settings, at_run_time=False)
+            guided, hooks = pack.glue.guidance.install_guidance(model, settings, at_run_time=False)
         latent = torch.zeros(1, 4, 8, 8)
         with hooks.run(guided, sigmas, "euler", 4.0) if scale else contextlib.nullcontext():
             comfy.sample.sample(guided, comfy.sample.prepare_noise(latent, 3), STEPS, 4.0, "euler", "normal",
@@ -210,15 +210,15 @@ def test_models_loaded_under_inference_mode_as_comfyui_loads_them(pack, encoders
 
 
 def test_exact_mode_reusing_the_samplers_forward_equals_recomputing_it(pack, encoders, references, monkeypatch):
-    guidance = pack.nodes.guidance
+    guidance = pack.glue.guidance
     recomputed = []
-    original = pack.nodes.denoiser_gradient.recomputed
+    original = pack.glue.denoiser_gradient.recomputed
 
     def counting(args, *rest):
         recomputed.append(float(args["sigma"].max()))
         return original(args, *rest)
 
-    monkeypatch.setattr(pack.nodes.denoiser_gradient, "recomputed", counting)
+    monkeypatch.setattr(pack.glue.denoiser_gradient, "recomputed", counting)
     model, vae = tiny_sd15(), tiny_vae()
     reused, log_reused = run(pack, model, vae, encoders, references, mode="exact")
     # at most the first step recomputes (a host whose blocks add in place fails once, then copies)
@@ -242,5 +242,5 @@ def test_guidance_decode_size_decodes_a_smaller_image(pack, encoders, references
     small, log = run(pack, model, vae, encoders, references, guidance_decode_size=16)
     assert len(log.splitlines()) == STEPS
     assert not torch.allclose(full["samples"], small["samples"])
-    assert pack.nodes.guidance_widgets.latent_side(vae, 16) == 2
-    assert pack.nodes.guidance_widgets.latent_side(vae, 0) is None
+    assert pack.glue.guidance_widgets.latent_side(vae, 16) == 2
+    assert pack.glue.guidance_widgets.latent_side(vae, 0) is None

@@ -71,10 +71,10 @@ def corrections(pack, model, vae, encoders, mode):
     generator = torch.Generator().manual_seed(7)
     refs = embed_references(clip, None, torch.rand(1, 3, 24, 24, generator=generator),
                             torch.rand(1, 3, 32, 32, generator=generator))
-    sigmas = pack.nodes.host.schedule_sigmas(model, STEPS, "euler", "normal", 1.0)
+    sigmas = pack.glue.host.schedule_sigmas(model, STEPS, "euler", "normal", 1.0)
     # the CLIP terms only: any R will do here, and it is quicker
-    settings = pack.nodes.guidance.GuidanceSettings(vae, clip, None, refs, (1.0, 1.0, 0.0), 10.0, mode)
-    guided, hooks = pack.nodes.guidance.install_guidance(model, settings, at_run_time=False)
+    settings = pack.glue.guidance.GuidanceSettings(vae, clip, None, refs, (1.0, 1.0, 0.0), 10.0, mode)
+    guided, hooks = pack.glue.guidance.install_guidance(model, settings, at_run_time=False)
     seen = []
 
     def after_the_hook(args):
@@ -117,7 +117,7 @@ def test_fast_and_exact_steps_agree_at_every_sigma(pack, encoders, parametrisati
     if parametrisation != "eps":
         return
     # without d x0_hat / d x_t (fast = grad w.r.t. x0_hat alone) the early steps are far too strong
-    monkeypatch.setattr(pack.nodes.guidance, "denoiser_jacobian", lambda *args, **kwargs: 1.0)
+    monkeypatch.setattr(pack.glue.guidance, "denoiser_jacobian", lambda *args, **kwargs: 1.0)
     uncalibrated = agreement(corrections(pack, model, vae, encoders, "fast"), exact)
     ratios = [ratio for _, ratio, _ in uncalibrated if ratio is not None]
     assert ratios[0] > 20 and sum(abs(r - 1) > 0.05 for r in ratios) >= STEPS // 2

@@ -101,7 +101,7 @@ def test_vae_with_a_native_handle(pack, encoders):
     assert torch.equal(latent["samples"], guided_run(pack, twin, encoders)[0]["samples"])
     assert unchanged(before, vae.first_stage_model) and holder._v is handle
 
-    decoder = pack.nodes.guidance.differentiable_decoder(vae)
+    decoder = pack.glue.guidance.differentiable_decoder(vae)
     assert not holds_handle(decoder) and holds_handle(vae.first_stage_model)
     assert not any(p.is_inference() or p.requires_grad for p in decoder.parameters())
     assert_decodes_like_the_host_and_backprops(decoder, vae.first_stage_model, seed=0)
@@ -131,7 +131,7 @@ def test_taesd_copy_decodes_like_the_host_and_backprops(pack):
         vae = comfy.sd.VAE(sd=taesd.state_dict())
     _, handle = attach_handle(vae.first_stage_model)
     before = snapshot(vae.first_stage_model)
-    decoder = pack.nodes.guidance.differentiable_decoder(vae)
+    decoder = pack.glue.guidance.differentiable_decoder(vae)
     assert type(decoder) is type(vae.first_stage_model) and not holds_handle(decoder)
     assert_decodes_like_the_host_and_backprops(decoder, vae.first_stage_model, seed=1)
     assert unchanged(before, vae.first_stage_model)
@@ -162,7 +162,7 @@ def test_shared_submodules_and_tied_weights_stay_shared(pack):
     first, second = torch.nn.Linear(96, 96), torch.nn.Linear(96, 96)
     second.weight = first.weight  # tied, as an embedding and its output projection can be
     model = torch.nn.ModuleDict({"first": first, "again": first, "second": second})
-    copied = pack.nodes.trainable_copy.frozen_normal_copy(model)
+    copied = pack.glue.trainable_copy.frozen_normal_copy(model)
     assert copied["first"] is copied["again"] and copied["first"] is not first
     assert copied["second"].weight is copied["first"].weight and copied["second"].bias is not copied["first"].bias
     assert torch.equal(copied["second"].weight, first.weight) and not copied["first"].weight.requires_grad

@@ -116,7 +116,7 @@ def test_under_ksampler_it_equals_the_sampler_node(pack, encoders, references, s
         gradient_mode="fast", guidance_start=0.0, guidance_end=1.0, guide_every=1, dino_encoder=dino)
     guided = guided_model(pack, model, vae, encoders, references)
     with caplog.at_level(logging.INFO, logger="plora"):
-        model_latent = pack.nodes.host.run_ksampler(guided, 3, STEPS, CFG, sampler, "normal",
+        model_latent = pack.glue.host.run_ksampler(guided, 3, STEPS, CFG, sampler, "normal",
                                                     sd15_conditioning(seed=1), sd15_conditioning(seed=2), latent, 1.0)
     assert logged_runs(caplog) == [(f"P-LoRA guidance ({'euler' if sampler == 'ddim' else sampler}, {STEPS} steps):",
                                     list(range(STEPS)))]

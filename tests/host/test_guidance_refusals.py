@@ -31,7 +31,7 @@ def test_a_latent_of_several_video_frames_is_refused_by_the_guidance(pack, encod
 
 def test_the_widgets_object_takes_exactly_the_declared_inputs_in_their_order(pack):
     """One list of guidance widgets: the nodes' INPUT_TYPES and GuidanceWidgets' fields cannot drift apart."""
-    widgets = pack.nodes.guidance_widgets
+    widgets = pack.glue.guidance_widgets
     required, optional = widgets.guidance_inputs("")
     assert widgets.GuidanceWidgets.names() == (*required, *optional)
     for node in (pack.nodes.PLoRAMetricGuidance, pack.nodes.PosteriorMetricGuidanceSampler):

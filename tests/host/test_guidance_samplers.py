@@ -43,11 +43,11 @@ def make_hook(pack, model, vae, encoders, references, m, mode, sampler="euler", 
     from plora_pack.plora_core.scores import embed_references
 
     clip, dino = encoders
-    sigmas = pack.nodes.host.schedule_sigmas(model, STEPS, sampler, "normal", 1.0)
+    sigmas = pack.glue.host.schedule_sigmas(model, STEPS, sampler, "normal", 1.0)
     refs = embed_references(clip, dino, *references)
-    settings = pack.nodes.guidance.GuidanceSettings(vae, clip, dino, refs, (1.0, 1.0, 1.0), m, mode, 0.0, end,
+    settings = pack.glue.guidance.GuidanceSettings(vae, clip, dino, refs, (1.0, 1.0, 1.0), m, mode, 0.0, end,
                                                     units=units)
-    guided, hooks = pack.nodes.guidance.install_guidance(model, settings, at_run_time=False)
+    guided, hooks = pack.glue.guidance.install_guidance(model, settings, at_run_time=False)
     return guided, lambda: hooks.run(guided, sigmas, sampler, cfg)
 
 
@@ -111,7 +111,7 @@ def test_guided_step_is_minus_m_grad_x_in_the_samplers_own_x(pack, encoders, ref
     plain = run(model, sampler)
     with guidance() as current:
         guided = run(guided_model, sampler)
-    sigmas = pack.nodes.host.schedule_sigmas(model, STEPS, sampler, "normal", 1.0)
+    sigmas = pack.glue.host.schedule_sigmas(model, STEPS, sampler, "normal", 1.0)
     expected = -m * grad_x(model, vae, encoders, references, plain[0][1], float(sigmas[0]))
     shift = guided[1][1] - plain[1][1]
     assert torch.equal(guided[0][1], plain[0][1])
@@ -144,8 +144,8 @@ def test_multi_evaluation_samplers_guide_only_the_call_that_starts_each_step(pac
                                                                              mode, monkeypatch):
     model, vae = tiny_sd15(), tiny_vae()
     recomputed = []
-    original = pack.nodes.denoiser_gradient.recomputed
-    monkeypatch.setattr(pack.nodes.denoiser_gradient, "recomputed",
+    original = pack.glue.denoiser_gradient.recomputed
+    monkeypatch.setattr(pack.glue.denoiser_gradient, "recomputed",
                         lambda *args: recomputed.append(1) or original(*args))
     guided, guidance = make_hook(pack, model, vae, encoders, references, 10.0, mode, sampler)
     calls = []
@@ -213,7 +213,7 @@ def test_exact_mode_differentiates_the_samplers_actual_denoised(pack, encoders, 
     plain = run(model)
     with guidance() as current:
         guided = run(guided_model)
-    sigma = float(pack.nodes.host.schedule_sigmas(model, STEPS, "euler", "normal", 1.0)[0])
+    sigma = float(pack.glue.host.schedule_sigmas(model, STEPS, "euler", "normal", 1.0)[0])
     x = plain[0][1]
     with torch.no_grad():
         assert torch.allclose(actual_denoiser(model, x, sigma), plain[0][0], rtol=1e-4, atol=1e-4)
@@ -249,8 +249,8 @@ def test_exact_mode_falls_back_to_fast_when_the_prediction_cannot_be_rebuilt(pac
 def test_exact_mode_with_cfg_1_rebuilds_from_the_cond_prediction_alone(pack, encoders, references, monkeypatch):
     model, vae = tiny_sd15(), tiny_vae()
     recomputed = []
-    original = pack.nodes.denoiser_gradient.recomputed
-    monkeypatch.setattr(pack.nodes.denoiser_gradient, "recomputed",
+    original = pack.glue.denoiser_gradient.recomputed
+    monkeypatch.setattr(pack.glue.denoiser_gradient, "recomputed",
                         lambda *args: recomputed.append(1) or original(*args))
     guided, guidance = make_hook(pack, model, vae, encoders, references, 10.0, "exact", cfg=1.0)
     with guidance() as current:

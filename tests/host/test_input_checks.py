@@ -24,7 +24,7 @@ class Untouchable:
 
 
 def checked_inputs(pack):
-    checks = pack.nodes.input_checks
+    checks = pack.glue.input_checks
     for node_name, node_class in pack.nodes.NODE_CLASS_MAPPINGS.items():
         for name, spec in checks.input_specs(node_class).items():
             yield node_name, node_class, name, spec
@@ -32,7 +32,7 @@ def checked_inputs(pack):
 
 @pytest.fixture
 def good_values(pack, encoders):
-    from plora_pack.nodes.lora_pair import LoraChoice, SubjectStyleLoras
+    from plora_pack.glue.lora_pair import LoraChoice, SubjectStyleLoras
     from plora_pack.plora_core.lora_file import LoraFile
 
     lora = LoraFile("unused.safetensors", {}, {})
@@ -124,7 +124,7 @@ def test_every_input_of_a_checked_type_is_covered(pack):
 def test_wrong_values_of_every_kind_are_refused_before_any_work_naming_node_and_input(pack, good_values):
     tried, calls = set(), 0
     for node_name, node_class, name, spec in checked_inputs(pack):
-        specs = pack.nodes.input_checks.input_specs(node_class)
+        specs = pack.glue.input_checks.input_specs(node_class)
         method = getattr(node_class(), node_class.FUNCTION)
         for what, value in bad_values(spec).items():
             arguments = valid_arguments(node_class, specs, good_values)
@@ -207,7 +207,7 @@ def test_good_values_still_reach_the_nodes(pack, good_values):
 
 def test_a_combo_among_choices_that_appeared_after_the_first_call_is_accepted(pack, monkeypatch):
     node_class = pack.nodes.PLoRAModelPatcher
-    checks = pack.nodes.input_checks
+    checks = pack.glue.input_checks
     specs = checks.input_specs(node_class)
     fresh = {**specs, "criterion": checks.InputSpec("COMBO", choices=(*specs["criterion"].choices, "new"))}
     checks.check_inputs("PLoRAModelPatcher", specs, {"criterion": "new"}, lambda: fresh)
@@ -220,16 +220,16 @@ def test_wrapping_keeps_the_signature_and_the_behaviour(pack):
     wrapped = node_class.draw
     assert list(inspect.signature(wrapped).parameters) == ["self", "model", "samples", "image_index", "cfg_pass",
                                                            "cell_size"]
-    pack.nodes.input_checks.add_input_checks(node_class)  # a second registration does not wrap twice
+    pack.glue.input_checks.add_input_checks(node_class)  # a second registration does not wrap twice
     assert node_class.draw is wrapped
 
 
 def test_optional_inputs_left_out_are_not_checked(pack):
     specs = {"size": ("INT", 0, 8)}
-    pack.nodes.input_checks.check_inputs("Node", specs, {})
-    pack.nodes.input_checks.check_inputs("Node", specs, {"size": None})
+    pack.glue.input_checks.check_inputs("Node", specs, {})
+    pack.glue.input_checks.check_inputs("Node", specs, {"size": None})
     with pytest.raises(ValueError, match="Node: input 'size' is 9"):
-        pack.nodes.input_checks.check_inputs("Node", specs, {"size": 9})
+        pack.glue.input_checks.check_inputs("Node", specs, {"size": 9})
     grid = pack.nodes.PLoRAComparisonGrid()
     with pytest.raises(ValueError, match="PLoRAComparisonGrid: input 'images' is empty"):
         grid.draw(None, "a", 0)  # a required input that arrives as None (through a link)

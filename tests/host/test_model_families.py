@@ -199,11 +199,11 @@ def test_family_is_named_from_the_lora_files_and_the_model(pack, tmp_path, name)
     spec = BY_NAME[name]
     from plora_pack.plora_core.lora_info import families_compatible
 
-    model_family = pack.nodes.host.model_family(spec.build())
+    model_family = pack.glue.host.model_family(spec.build())
     assert model_family == spec.family
     for seed, lora in enumerate([spec.subject, spec.style, *spec.extra]):
         file = write(tmp_path, spec, lora, seed)
-        details = pack.nodes.routes.lora_details(str(file), file.name)
+        details = pack.glue.routes.lora_details(str(file), file.name)
         assert families_compatible(details["family"], model_family), (lora.trainer, details)
         expected = {"Chroma": {"diffusers": "Flux or Chroma"}}.get(name, {}).get(lora.trainer, spec.family)
         assert details["family"] == expected, (lora.trainer, details)
@@ -222,7 +222,7 @@ def test_real_widths_name_the_size(pack, name, width, family):
     config_name = fm.FAMILY_CLASSES[name][0]
     unet = dict(fm.SD3_UNET, depth=width // 64) if name == "SD3.5" else dict(fm.WAN_UNET, dim=width)
     config = getattr(comfy.supported_models, config_name)(unet)
-    assert pack.nodes.host.model_family(SimpleNamespace(model=SimpleNamespace(model_config=config))) == family
+    assert pack.glue.host.model_family(SimpleNamespace(model=SimpleNamespace(model_config=config))) == family
     shapes = {}
     for key, shape in spec.subject.layers(width).items():
         down, up = (4, shape[1]), (shape[0], 4)
@@ -243,7 +243,7 @@ def test_hidream_routed_experts_are_merged_directly_not_decided_per_token(pack, 
     pair, _ = pack.nodes.LoadSubjectStyleLoRA().load(str(files[0]), 1.0, str(files[1]), 1.0)
     model = spec.build()
     patched = pack.nodes.PLoRAModelPatcher().patch(model, pair, "kl", 1.0, 0.0, 1.0)[0]
-    assert pack.nodes.gate.gated_layers(patched) == {}
+    assert pack.glue.gate.gated_layers(patched) == {}
     merged = model
     for file in files:
         merged = comfy.sd.load_lora_for_models(merged, None, comfy.utils.load_torch_file(str(file)), 1.0, 0)[0]
@@ -300,7 +300,7 @@ def js_compatible(pairs: list[tuple[str, str]]) -> list[bool]:
 
 
 def test_the_route_families_make_the_frontend_warn_exactly_on_a_mismatch(pack, tmp_path):
-    routes = pack.nodes.routes
+    routes = pack.glue.routes
     builders = {**{name: spec.build for name, spec in BY_NAME.items()}, "Flux": tiny_flux}
     models = {}
     for name, build in builders.items():
@@ -333,7 +333,7 @@ def test_the_route_families_make_the_frontend_warn_exactly_on_a_mismatch(pack, t
 
 
 def test_guidance_refuses_a_video_latent_with_a_clear_message(pack):
-    from plora_pack.nodes.model_kind import check_image_latent, is_video_model, latent_frames
+    from plora_pack.glue.model_kind import check_image_latent, is_video_model, latent_frames
 
     wan, qwen = BY_NAME["Wan 2.1"].build(), BY_NAME["Qwen-Image"].build()
     assert is_video_model(wan) and is_video_model(BY_NAME["Wan 2.2"].build())

@@ -40,7 +40,7 @@ def test_dense_adapters_on_quantized_shared_layers_equal_the_plain_weight_result
     for name, model in (("plain", plain), ("quantized", quantized)):
         pair, _ = pack.nodes.LoadSubjectStyleLoRA().load(str(subject), 1.0, str(style), 1.0)
         patched = pack.nodes.PLoRAModelPatcher().patch(model, pair, "kl", 1.0, 0.0, 1.0)[0]
-        gates = pack.nodes.gate.gated_layers(patched)
+        gates = pack.glue.gate.gated_layers(patched)
         assert sorted(gates) == sorted(paths)
         results[name] = ({path: [part.weight for part in gate.subject.dense + gate.style.dense]
                           for path, gate in gates.items()}, sample(patched))

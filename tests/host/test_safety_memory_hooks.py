@@ -43,18 +43,19 @@ def test_free_memory_empties_the_caches_only_when_it_unloaded_models(pack, fille
 
 
 def test_hooks_are_installed_once_and_keep_the_host_functions(pack):
+    hooks = pack.glue.memory_hooks
     for name in ("unload_all_models", "free_memory"):
         hooked = getattr(mm, name)
         callbacks = hooked.__plora_release_callbacks__
-        assert pack.nodes.release_caches in callbacks and callbacks.count(pack.nodes.release_caches) == 1
+        assert hooks.release_caches in callbacks and callbacks.count(hooks.release_caches) == 1
         assert not hasattr(hooked.__wrapped__, "__plora_release_callbacks__"), "wrapped exactly once"
-    pack.nodes.install_memory_hooks()
-    assert mm.unload_all_models.__plora_release_callbacks__.count(pack.nodes.release_caches) == 1
+    hooks.install_memory_hooks()
+    assert mm.unload_all_models.__plora_release_callbacks__.count(hooks.release_caches) == 1
 
 
 def test_unload_all_models_also_empties_k_lora_top_k_sums(pack, filled):
     """Module-level caches of the glue are registered with the memory hooks too."""
     pack.nodes.PLoRAModelPatcher().patch(filled["model"], filled["pair"], "kl", 1.0, 0.0, 1.0, method="k-lora")
-    assert len(pack.nodes.gate._KLORA_SCORES) > 0
+    assert len(pack.glue.gate._KLORA_SCORES) > 0
     mm.unload_all_models()
-    assert len(pack.nodes.gate._KLORA_SCORES) == 0
+    assert len(pack.glue.gate._KLORA_SCORES) == 0

@@ -47,7 +47,7 @@ def test_a_text_encoder_only_lora_at_strength_zero_is_left_out(pack, model_and_f
     model, subject, _, te_only = model_and_files
     pair, _ = pack.nodes.LoadSubjectStyleLoRA().load(str(subject), 1.0, str(te_only), 0.0)
     patched = pack.nodes.PLoRAModelPatcher().patch(model, pair, "kl", 1.0, 0.0, 1.0)[0]
-    assert patched.patches and not pack.nodes.gate.gated_layers(patched)  # a plain merge of the subject LoRA
+    assert patched.patches and not pack.glue.gate.gated_layers(patched)  # a plain merge of the subject LoRA
 
 
 def gated(pack, model_and_files, start, end):
@@ -70,7 +70,7 @@ def test_an_empty_gate_window_is_said_plainly_and_does_not_fail(pack, model_and_
     assert "gate window" in note and f"held none of the last run's {STEPS} step(s)" in note
     assert "sampler" not in note
     (image,) = out["result"]
-    layers = len(pack.nodes.gate.gated_layers(patched))
+    layers = len(pack.glue.gate.gated_layers(patched))
     assert image.shape == (1, layers * 4, STEPS * 4, 3)
     from plora_pack.plora_core.selection_map import UNSEEN_COLOUR
 
@@ -96,7 +96,7 @@ def test_metadata_routes_name_files_relative_to_the_model_folder(pack, tmp_path)
     (tmp_path / "sub").mkdir()
     corrupt = tmp_path / "sub" / "corrupt.safetensors"
     corrupt.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
-    routes = pack.nodes.routes
+    routes = pack.glue.routes
     with pytest.raises(LoraFileError) as info:
         routes.lora_details(str(corrupt), "sub/corrupt.safetensors")
     assert "sub/corrupt.safetensors" in str(info.value) and str(tmp_path) not in str(info.value)

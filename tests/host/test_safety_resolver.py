@@ -33,8 +33,8 @@ def place():
 
 @pytest.fixture
 def host(pack, place):
-    pack.nodes.host.add_model_folder("loras", str(place["loras"]))
-    return pack.nodes.host
+    pack.glue.host.add_model_folder("loras", str(place["loras"]))
+    return pack.glue.host
 
 
 def test_names_resolve_inside_the_folder(host, place):
@@ -80,7 +80,7 @@ def test_the_loader_node_refuses_outside_files_before_reading_them(pack, host, p
 
     reads = []
     original = lora_file.read_lora_file
-    monkeypatch.setattr(pack.nodes.load_pair, "read_lora_file", lambda *a, **k: reads.append(a) or original(*a, **k))
+    monkeypatch.setattr(pack.glue.lora_loading, "read_lora_file", lambda *a, **k: reads.append(a) or original(*a, **k))
     loader = pack.nodes.LoadSubjectStyleLoRA()
     for name in (str(place["outside"] / "elsewhere.safetensors"), "../secret.safetensors"):
         with pytest.raises(FileNotFoundError, match="Model in folder 'loras'"):
@@ -128,7 +128,7 @@ def encoder_folders():
     shutil.copy(paths["safetensors"], root / "outside" / "clip.safetensors")
     tiny_encoders.build_tiny_dino_v1(str(root / "dino" / "tiny_dino"))
     tiny_encoders.build_tiny_dino_v1(str(root / "outside" / "dino"))
-    host = load_pack().nodes.host
+    host = load_pack().glue.host
     host.add_model_folder("open_clip", str(root / "open_clip"))
     host.add_model_folder("dino", str(root / "dino"))
     yield root
@@ -140,7 +140,7 @@ def test_encoder_loaders_read_only_inside_their_folders(pack, encoder_folders):
     clip = nodes.LoadPLoRACLIPEncoder().load("tiny_clip.safetensors", tiny_encoders.TINY_CLIP_ARCH, "fp32")[0]
     dino = nodes.LoadPLoRADINOEncoder().load("tiny_dino", "fp32")[0]
     assert clip.embed(torch.rand(1, 3, 32, 32)).shape == (1, 16) and "tiny_dino" in dino.name
-    assert "tiny_dino" in pack.nodes.host.model_dir_list("dino")
+    assert "tiny_dino" in pack.glue.host.model_dir_list("dino")
     with pytest.raises(FileNotFoundError, match="Model in folder 'open_clip'"):
         nodes.LoadPLoRACLIPEncoder().load(str(encoder_folders / "outside" / "clip.safetensors"),
                                           tiny_encoders.TINY_CLIP_ARCH, "fp32")

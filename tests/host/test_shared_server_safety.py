@@ -41,7 +41,7 @@ def test_a_lora_with_a_non_utf8_name_loads_and_is_named_escaped(pack, tmp_path, 
     assert pair.subject.name == f"{tmp_path.name}/{ESCAPED}.safetensors"
     assert pair.subject.file.tensors and pair.subject.name.encode("utf-8")
     patched = pack.nodes.PLoRAModelPatcher().patch(tiny_sd15(), pair, "kl", 1.0, 0.0, 1.0)[0]
-    assert pack.nodes.gate.gated_layers(patched)
+    assert pack.glue.gate.gated_layers(patched)
 
 
 def test_a_broken_lora_with_a_non_utf8_name_gets_a_printable_message_without_paths(pack, tmp_path, good_lora):
@@ -60,7 +60,7 @@ def test_a_broken_lora_with_a_non_utf8_name_gets_a_printable_message_without_pat
 
 
 def test_shown_name_escapes_only_what_is_not_utf8(pack):
-    shown_name = pack.plora_core.lora_file.shown_name
+    shown_name = pack.plora_core.files.shown_name
     assert shown_name(os.fsdecode(b"caf\xe9/\x82\xa0.safetensors")) == "caf\\xe9/\\x82\\xa0.safetensors"
     assert shown_name("café 猫.safetensors") == "café 猫.safetensors"
     assert shown_name("lone \ud800") == "lone \\ud800"  # a surrogate no file name decodes to (JSON '\ud800')
@@ -163,7 +163,7 @@ def interrupted():
 def test_the_packs_long_loops_stop_on_interrupt(pack, interrupted, encoders, good_lora):
     with pytest.raises(interrupted):
         pack.nodes.PLoRAComparisonGrid().draw(torch.rand(2, 64, 64, 3), "x" * 12_000, 0)
-    pack.nodes.host.stop_if_interrupted()  # ComfyUI clears the flag when it raises: set it again
+    pack.glue.host.stop_if_interrupted()  # ComfyUI clears the flag when it raises: set it again
     import comfy.model_management
 
     comfy.model_management.interrupt_current_processing(True)
@@ -203,7 +203,7 @@ def write_many_keys(path, keys: int) -> None:
 
 
 def test_routes_read_headers_off_the_event_loop_once_per_file_version(pack, tmp_path, monkeypatch):
-    routes = pack.nodes.routes
+    routes = pack.glue.routes
     big = tmp_path / "many_keys.safetensors"
     write_many_keys(big, 200_000)
     threads, reads = [], []
@@ -235,7 +235,7 @@ def test_routes_read_headers_off_the_event_loop_once_per_file_version(pack, tmp_
 
 
 def test_the_details_cache_is_bounded(pack, tmp_path, monkeypatch):
-    routes = pack.nodes.routes
+    routes = pack.glue.routes
     monkeypatch.setattr(routes, "_details_cache", type(routes._details_cache)())
     monkeypatch.setattr(routes, "DETAILS_CACHE_ENTRIES", 3)
     for i in range(5):

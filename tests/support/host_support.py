@@ -23,7 +23,7 @@ def register_test_model_folders(folder) -> None:
     """The pack reads files only inside model folders: make `folder` (pytest's temporary root, under which
     tests write their LoRAs and encoders) a loras/open_clip/dino folder, as extra_model_paths.yaml would.
     Paths the tests pass that lie inside it then resolve as names in that folder."""
-    host = load_pack().nodes.host
+    host = load_pack().glue.host
     for kind in MODEL_FOLDER_KINDS:
         host.add_model_folder(kind, str(folder))
 

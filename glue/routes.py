@@ -16,8 +16,8 @@ import threading
 from collections import OrderedDict
 
 from ..plora_core.encoders import ENCODER_CACHE
-from ..plora_core.lora_file import (LORA_CACHE, LoraFileError, file_kind, read_header, regular_file_stat,
-                                    shown_name)
+from ..plora_core.files import file_kind, regular_file_stat, shown_name
+from ..plora_core.lora_file import LORA_CACHE, LoraFileError, read_header
 from ..plora_core.lora_info import checkpoint_family, lora_family, lora_rank, trigger_words
 from . import host
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..plora_core.lora_file import shown_name
+from ..plora_core.files import shown_name
 
 NUMERIC_TYPES = ("INT", "FLOAT")
 COMBO = "COMBO"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from ..plora_core.guidance import SAMPLER_UNITS, UNITS, VP_UNITS
 from ..plora_core.image_preprocess import to_nchw
 from ..plora_core.scores import embed_references
-from .encoder_nodes import ENCODER_TYPE
+from .encoders import ENCODER_TYPE
 from .guidance import EXACT, FAST, GuidanceSettings
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 
-from . import host
-from .guidance import install_guidance
-from .guidance_widgets import GuidanceWidgets, guidance_inputs
-from .model_kind import check_image_latent
+from ..glue import host
+from ..glue.guidance import install_guidance
+from ..glue.guidance_widgets import GuidanceWidgets, guidance_inputs
+from ..glue.model_kind import check_image_latent
 
 logger = logging.getLogger("plora")
 

@@ -2,49 +2,11 @@
 
 from __future__ import annotations
 
-import logging
+from ..glue import host
+from ..glue.lora_loading import PAIR_TYPE, apply_text_encoder_parts, check_has_diffusion_part, read_lora
+from ..glue.lora_pair import LoraChoice, SubjectStyleLoras
 
-from ..plora_core.lora_file import LoraFile, LoraFileError, read_lora_file
-from . import host
-from .input_checks import register_object_type
-from .lora_pair import LoraChoice, SubjectStyleLoras
-from .lora_mapping import is_text_encoder_key, split_by_key_map
-
-logger = logging.getLogger("plora")
-
-PAIR_TYPE = "PLORA_PAIR"
-register_object_type(PAIR_TYPE, SubjectStyleLoras, "Load Subject + Style LoRA (P-LoRA)")
 _STRENGTH = {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}
-
-
-def apply_text_encoder_parts(clip, pair: SubjectStyleLoras):
-    """Both LoRAs' text-encoder weights on a CLIP clone, as two chained LoraLoaders would."""
-    key_map = host.clip_key_map(clip)
-    for choice in (pair.subject, pair.style):
-        te_tensors, _ = split_by_key_map(host.convert_lora(choice.file.tensors), key_map)
-        if te_tensors and choice.strength != 0:
-            clip = host.apply_lora_to_clip(clip, te_tensors, choice.strength)
-            logger.info("P-LoRA: text-encoder part of %s applied to CLIP (%d tensors)", choice.name, len(te_tensors))
-    return clip
-
-
-def read_lora(name: str) -> LoraFile:
-    """A LoRA named as in models/loras (only there), read and cached; messages use that name."""
-    return read_lora_file(host.resolve_lora_path(name), label=host.model_label("loras", name),
-                          should_stop=host.stop_if_interrupted)
-
-
-def check_has_diffusion_part(choice: LoraChoice, role: str) -> None:
-    """Refuse a LoRA that holds only text-encoder weights: P-LoRA fuses diffusion-model layers, so it
-    would have nothing to fuse. Checked for both LoRAs before anything is applied."""
-    if choice.strength == 0:
-        return
-    if all(is_text_encoder_key(key) for key in host.convert_lora(choice.file.tensors)):
-        raise LoraFileError(
-            f"The {role} LoRA {choice.name} holds only text-encoder weights (no diffusion-model layers), so "
-            "P-LoRA has nothing of it to fuse. Apply it to the CLIP with ComfyUI's Load LoRA node instead, and "
-            f"pick a LoRA with diffusion-model weights as {role} LoRA here (or set {role}_strength to 0)."
-        )
 
 
 class LoadSubjectStyleLoRA:

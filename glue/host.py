@@ -21,7 +21,7 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
-from ..plora_core.lora_file import regular_file_stat, shown_name
+from ..plora_core.files import regular_file_stat, shown_name
 
 logger = logging.getLogger("plora")
 
@@ -222,7 +222,7 @@ def _not_found(kind: str, name: str) -> FileNotFoundError:
 
 def model_label(kind: str, name: str) -> str:
     """The name messages and logs use for a model file: `model_name`, with the bytes of a name that is not
-    valid UTF-8 escaped (plora_core.lora_file.shown_name)."""
+    valid UTF-8 escaped (plora_core.files.shown_name)."""
     return shown_name(model_name(kind, name))
 
 
