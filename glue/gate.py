@@ -32,7 +32,7 @@ from ..plora_core.recorder import BOTH_VALUE, STYLE, SUBJECT, GateState
 from . import host
 from .lora_mapping import map_lora_onto_model
 from .memory_hooks import register_cache
-from .lora_pair import (LoraChoice, SubjectStyleLoras, check_merged_shapes, family_mismatch,  # noqa: F401
+from .lora_pair import (LoraChoice, LoraSet, check_merged_shapes, family_mismatch,  # noqa: F401
                         fused_row_slices, layer_delta, merge_patches)
 
 logger = logging.getLogger("plora")
@@ -177,7 +177,7 @@ def _gate_names(path: str, row_slices: tuple[RowSlice, ...]) -> list[tuple[str, 
     return [(f"{path}[{piece.name}]", (piece.start, piece.length)) for piece in row_slices]
 
 
-def _b_lora_modules(model, pair: SubjectStyleLoras, mapped: dict, active: list) -> dict[int, set[str]]:
+def _b_lora_modules(model, pair: LoraSet, mapped: dict, active: list) -> dict[int, set[str]]:
     """Per LoRA, the modules B-LoRA lets it act on (subject: content block, style: style block)."""
     family = host.model_family(model)
     kept = {}
@@ -205,95 +205,122 @@ class GatePlan:
     kept: dict[int, set[str]] = field(default_factory=dict)  # id(choice) -> layers that LoRA acts on
 
 
-def build_gated_model(model, pair: SubjectStyleLoras, criterion: str = "kl", style_bias: float = 1.0,
+def build_gated_model(model, loras: LoraSet, criterion: str = "kl", style_bias: float = 1.0,
                       start_percent: float = 0.0, end_percent: float = 1.0, method: str = "p-lora",
                       k_lora_preset: str = "s*"):
-    """A clone of `model` with both LoRAs fused by `method`; `model` is not touched.
+    """A clone of `model` with the set's LoRAs fused by `method`; `model` is not touched.
 
-    p-lora: the KL gate of Eq. 9-13 on every layer both LoRAs touch. k-lora: K-LoRA's Top-K rule
-    on those layers (scores computed here, once). direct: both merged, as two LoraLoaders. b-lora:
-    the subject LoRA only in SDXL's content block, the style LoRA only in its style block.
+    p-lora: the KL gate of Eq. 9-13 on every layer two or more LoRAs touch, choosing among those
+    (Eq. 13 as a weighted argmax); a layer one LoRA touches gets it merged. k-lora: K-LoRA's Top-K
+    rule on the layers both touch (scores computed here, once). direct: all merged, as chained
+    LoraLoaders. b-lora: the subject LoRA only in SDXL's content block, the style LoRA only in its
+    style block. k-lora and b-lora are defined for one subject and one style LoRA only.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
-    plan = plan_layers(model, pair, method)
+    plan = plan_layers(model, loras, method)
     if plan is None:
         return model
     sampling = model.get_model_object("model_sampling")
     state = GateState(sigma_high=float(sampling.percent_to_sigma(start_percent)),
                       sigma_low=float(sampling.percent_to_sigma(end_percent)))
+    state.recorder.roles = tuple(c.role for c in loras.loras)  # the selection map's colours and legend
+    state.recorder.names = tuple(c.name for c in loras.loras)
     try:
         for choice in plan.active:
             check_merged_shapes(model, plan.mapped[id(choice)])
         plan.kept = ({id(c): set(plan.mapped[id(c)].modules) for c in plan.active} if method != "b-lora"
-                     else _b_lora_modules(model, pair, plan.mapped, plan.active))
-        layers = build_layer_deltas(model, pair, plan)
-        rule = selection_rule(method, criterion, style_bias, k_lora_preset, pair, layers, state, sampling)
+                     else _b_lora_modules(model, loras, plan.mapped, plan.active))
+        layers = build_layer_deltas(model, loras, plan)
+        rule = selection_rule(method, criterion, style_bias, k_lora_preset, loras, layers, state, sampling)
     except LayerMismatch as error:  # a LoRA of another family: say that, rather than which layer failed first
         for choice in plan.active:
             mismatch = family_mismatch(model, choice.file)
             if mismatch and error.lora == choice.name:
                 raise LoraFileError(mismatch) from error
         raise
-    gates = {path: LayerGate(path, subject, style, state, rule, row_slices, static_input=fed_by_context(path))
-             for path, (subject, style, row_slices) in layers.items()}
-    patched = install_plan(model, pair, plan, method, gates, state)
-    logger.info("P-LoRA (%s): %d layers gated%s, %d merged directly", method, len(gates),
+    gates = {path: LayerGate(path, state=state, rule=rule, row_slices=layer.row_slices,
+                             static_input=fed_by_context(path), deltas=layer.deltas, members=layer.members)
+             for path, layer in layers.items()}
+    patched = install_plan(model, loras, plan, method, gates, state)
+    logger.info("P-LoRA (%s, %d LoRAs): %d layers gated%s, %d merged directly", method, len(plan.active), len(gates),
                 f" ({criterion})" if method == "p-lora" else "",
                 sum(len(plan.kept[id(c)] - plan.gated) for c in plan.active))
     return patched
 
 
-def plan_layers(model, pair: SubjectStyleLoras, method: str) -> GatePlan | None:
+PAIR_ONLY = ("k-lora", "b-lora")  # defined for one subject and one style LoRA
+
+
+def plan_layers(model, loras: LoraSet, method: str) -> GatePlan | None:
     """Map the LoRAs with a strength onto the model and choose the gated layers (None: nothing to do)."""
-    active = [c for c in (pair.subject, pair.style) if c.strength != 0]
+    active = [c for c in loras.loras if c.strength != 0]
     if not active:
         return None
+    if method in PAIR_ONLY and not loras.is_pair:
+        raise ValueError(f"Method {method} is defined for one subject and one style LoRA (its rule compares exactly "
+                         f"those two), but this set has {len(loras.loras)} LoRAs "
+                         f"({', '.join(f'{c.role} {c.name}' for c in loras.loras)}). Use method p-lora (the gate "
+                         "chooses among any number) or direct, or remove the Add LoRA to Set nodes.")
     mapped = {id(c): map_lora_onto_model(model, c.file) for c in active}
-    shared: set[str] = set()
-    if len(active) == 2:
-        shared = set(mapped[id(pair.subject)].modules) & set(mapped[id(pair.style)].modules)
+    touching: dict[str, int] = {}
+    for choice in active:
+        for path in mapped[id(choice)].modules:
+            touching[path] = touching.get(path, 0) + 1
+    shared = {path for path, count in touching.items() if count >= 2}
     gated = shared if method in ("p-lora", "k-lora") else set()
     per_token = {path for path in gated if ROUTED_EXPERT in path}
     if per_token:
         logger.info("P-LoRA: %d routed-expert layers (e.g. %s) see the tokens routed to them, not whole images, so "
-                    "no per-image choice exists there: both LoRAs are merged directly", len(per_token),
+                    "no per-image choice exists there: the LoRAs are merged directly", len(per_token),
                     min(per_token))
         gated = gated - per_token
     return GatePlan(active, mapped, shared, gated)
 
 
-def build_layer_deltas(model, pair: SubjectStyleLoras, plan: GatePlan) -> dict:
-    """path -> (subject LayerDelta, style LayerDelta, row slices) of every gated layer, in the model's order."""
+@dataclass
+class GatedLayer:
+    """One gated layer: the set positions of the LoRAs that touch it, their deltas, its fused-layer slices."""
+
+    members: tuple[int, ...]
+    deltas: list
+    row_slices: tuple[RowSlice, ...]
+
+
+def build_layer_deltas(model, loras: LoraSet, plan: GatePlan) -> dict[str, GatedLayer]:
+    """path -> GatedLayer of every gated layer, in the model's order."""
     layers = {}
     key_map = host.unet_key_map(model) if plan.gated else {}
     for path in sorted(plan.gated, key=_module_order(model)):
         host.stop_if_interrupted()  # Cancel stops a long build (dense deltas of a large model) between layers
         module = host.get_module(model, path)
         geometry = LayerGeometry.of_module(module)
-        layers[path] = (layer_delta(plan.mapped[id(pair.subject)].modules[path], pair.subject, geometry, module, model),
-                        layer_delta(plan.mapped[id(pair.style)].modules[path], pair.style, geometry, module, model),
-                        fused_row_slices(key_map, path, geometry.out_channels))
+        members = [c for c in plan.active if path in plan.mapped[id(c)].modules]
+        layers[path] = GatedLayer(
+            tuple(loras.index(c) for c in members),
+            [layer_delta(plan.mapped[id(c)].modules[path], c, geometry, module, model) for c in members],
+            fused_row_slices(key_map, path, geometry.out_channels))
     return layers
 
 
-def selection_rule(method: str, criterion: str, style_bias: float, k_lora_preset: str, pair: SubjectStyleLoras,
-                   layers: dict, state: GateState, sampling):
+def selection_rule(method: str, criterion: str, style_bias: float, k_lora_preset: str, loras: LoraSet,
+                   layers: dict[str, GatedLayer], state: GateState, sampling):
     """The gates' rule: the paper's divergence rule, or K-LoRA's with its Top-K sums computed here, once."""
     if method == "p-lora":
-        return DivergenceRule(criterion, style_bias)
+        return DivergenceRule(criterion, style_bias, weights=loras.gate_weights(style_bias))
     if method != "k-lora" or not layers:
         return None
-    pair_key = (_file_key(pair.subject), _file_key(pair.style))
+    pair_key = (_file_key(loras.subject), _file_key(loras.style))
     scores = {}
-    for path, (subject, style, row_slices) in layers.items():
+    for path, layer in layers.items():
         host.stop_if_interrupted()  # the Top-K sums take seconds per SDXL layer on a CPU
-        for name, rows in _gate_names(path, row_slices):
+        subject, style = layer.deltas
+        for name, rows in _gate_names(path, layer.row_slices):
             scores[name] = _klora_scores(pair_key, name, rows, subject, style)
     return KLoraSelection(KLoraRule(scores, k_lora_preset, layer_order=list(scores)), state, sampling)
 
 
-def install_plan(model, pair: SubjectStyleLoras, plan: GatePlan, method: str, gates: dict, state: GateState):
+def install_plan(model, loras: LoraSet, plan: GatePlan, method: str, gates: dict, state: GateState):
     """The patched clone: every kept layer a LoRA acts on alone merged as LoraLoader would, the gates
     installed, and a fixed rule's choices recorded for the selection map."""
     patched = model.clone()
@@ -301,10 +328,11 @@ def install_plan(model, pair: SubjectStyleLoras, plan: GatePlan, method: str, ga
         skip = plan.gated | (set(plan.mapped[id(choice)].modules) - plan.kept[id(choice)])
         merge_patches(patched, plan.mapped[id(choice)], choice.strength, skip)
     static = {}
-    if method in ("direct", "b-lora") and len(plan.active) == 2:  # what the selection map shows for a fixed rule
-        subject_kept, style_kept = plan.kept[id(pair.subject)], plan.kept[id(pair.style)]
-        both = plan.shared | (subject_kept | style_kept if method == "b-lora" else set())
-        for path in sorted(both, key=_module_order(model)):
+    if method == "direct" and len(plan.active) >= 2:  # what the selection map shows for a fixed rule
+        static = {path: BOTH_VALUE for path in sorted(plan.shared, key=_module_order(model))}
+    elif method == "b-lora" and len(plan.active) == 2:
+        subject_kept, style_kept = plan.kept[id(loras.subject)], plan.kept[id(loras.style)]
+        for path in sorted(plan.shared | subject_kept | style_kept, key=_module_order(model)):
             subject_acts, style_acts = path in subject_kept, path in style_kept
             static[path] = BOTH_VALUE if subject_acts and style_acts else (
                 1.0 if subject_acts else 0.0 if style_acts else float("nan"))

@@ -10,18 +10,18 @@ from ..plora_core.lora_file import LoraFile, LoraFileError, read_lora_file
 from . import host
 from .input_checks import register_object_type
 from .lora_mapping import is_text_encoder_key, split_by_key_map
-from .lora_pair import LoraChoice, SubjectStyleLoras
+from .lora_pair import LoraChoice, LoraSet
 
 logger = logging.getLogger("plora")
 
 PAIR_TYPE = "PLORA_PAIR"
-register_object_type(PAIR_TYPE, SubjectStyleLoras, "Load Subject + Style LoRA (P-LoRA)")
+register_object_type(PAIR_TYPE, LoraSet, "Load Subject + Style LoRA (P-LoRA)")
 
 
-def apply_text_encoder_parts(clip, pair: SubjectStyleLoras):
-    """Both LoRAs' text-encoder weights on a CLIP clone, as two chained LoraLoaders would."""
+def apply_text_encoder_parts(clip, choices):
+    """The LoRAs' text-encoder weights on a CLIP clone, as chained LoraLoaders would."""
     key_map = host.clip_key_map(clip)
-    for choice in (pair.subject, pair.style):
+    for choice in choices:
         te_tensors, _ = split_by_key_map(host.convert_lora(choice.file.tensors), key_map)
         if te_tensors and choice.strength != 0:
             clip = host.apply_lora_to_clip(clip, te_tensors, choice.strength)

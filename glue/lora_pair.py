@@ -1,5 +1,6 @@
-"""The subject/style pair read onto a model: each LoRA's delta on a layer, fused-layer slices,
-shape and family checks, and the direct merge of the layers a fusion rule does not handle.
+"""The LoRA set (the paper's subject/style pair, or N LoRAs) read onto a model: each LoRA's delta on
+a layer, fused-layer slices, shape and family checks, and the direct merge of the layers a fusion
+rule does not handle.
 
 Shared by every fusion method of `gate.py`.
 """
@@ -7,7 +8,7 @@ Shared by every fusion method of `gate.py`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -15,28 +16,97 @@ from ..plora_core.deltas import DensePart, LayerDelta, LayerGeometry, LayerMisma
 from ..plora_core.gate import RowSlice
 from ..plora_core.lora_file import LoraFile
 from ..plora_core.lora_info import families_compatible, lora_family
+from ..plora_core.recorder import STYLE, SUBJECT
 from . import host
 from .lora_mapping import MappedLora, ModulePatches
 
 
-@dataclass
+ROLES = (SUBJECT, STYLE)
+MAX_LORAS = 8  # LoRAs one gate chooses among (the fused kernels take up to 8 deltas per layer)
+
+
+@dataclass(frozen=True)
 class LoraChoice:
-    """One LoRA of the pair as the user chose it."""
+    """One LoRA of the set as the user chose it: its file, strength, role and bias.
+
+    `bias` multiplies the LoRA's divergence in the gate (Eq. 13 as a weighted argmax; 1 = paper).
+    """
 
     file: LoraFile
     strength: float
+    role: str = SUBJECT
+    bias: float = 1.0
 
     @property
     def name(self) -> str:
         return self.file.name
 
 
-@dataclass
-class SubjectStyleLoras:
-    """The PLORA_PAIR value passed from LoadSubjectStyleLoRA to PLoRAModelPatcher."""
+@dataclass(frozen=True)
+class LoraSet:
+    """The PLORA_PAIR value passed from LoadSubjectStyleLoRA (and Add LoRA to Set) to PLoRAModelPatcher.
 
-    subject: LoraChoice
-    style: LoraChoice
+    The paper's pair is a set of two: a subject and a style. Each Add LoRA to Set node appends one
+    LoRA with its role and bias; the set's order is the order of the selection map's colours.
+    """
+
+    loras: tuple[LoraChoice, ...]
+
+    @classmethod
+    def pair(cls, subject: LoraChoice, style: LoraChoice) -> "LoraSet":
+        return cls((replace(subject, role=SUBJECT), replace(style, role=STYLE)))
+
+    @property
+    def subject(self) -> LoraChoice:
+        """The first subject LoRA (the pair's subject)."""
+        return next(c for c in self.loras if c.role == SUBJECT)
+
+    @property
+    def style(self) -> LoraChoice:
+        """The first style LoRA (the pair's style)."""
+        return next(c for c in self.loras if c.role == STYLE)
+
+    @property
+    def is_pair(self) -> bool:
+        """One subject and one style: the paper's case, which every method handles."""
+        return len(self.loras) == 2 and {c.role for c in self.loras} == set(ROLES)
+
+    def index(self, choice: LoraChoice) -> int:
+        return next(i for i, c in enumerate(self.loras) if c is choice)
+
+    def gate_weights(self, style_bias: float) -> tuple[float, ...]:
+        """w_k of Eq. 13 as a weighted argmax: the LoRA's bias, times the patcher's style_bias for styles."""
+        return tuple(float(c.bias) * (float(style_bias) if c.role == STYLE else 1.0) for c in self.loras)
+
+    def with_lora(self, choice: LoraChoice) -> "LoraSet":
+        """This set with one more LoRA (refused with a message naming the file: a duplicate, an unknown role,
+        another family than the set's, or more than MAX_LORAS)."""
+        check_role(choice.role, choice.name)
+        for member in self.loras:
+            if same_file(member.file, choice.file):
+                raise ValueError(f"LoRA {choice.name} is already in the set (as its {member.role} LoRA): each LoRA "
+                                 "can be in a set once. Pick another file, or change that LoRA's strength instead.")
+        new_family = lora_family(choice.file.tensors, choice.file.metadata)
+        for member in self.loras:
+            family = lora_family(member.file.tensors, member.file.metadata)
+            if not (families_compatible(new_family, family) or families_compatible(family, new_family)):
+                raise ValueError(f"LoRA {choice.name} is a {new_family} LoRA but the set's {member.name} is a {family} "
+                                 f"LoRA: all LoRAs of a set must be made for one model. Pick a {family} LoRA.")
+        if len(self.loras) >= MAX_LORAS:
+            raise ValueError(f"The set already holds {MAX_LORAS} LoRAs, as many as the gate chooses among; LoRA "
+                             f"{choice.name} cannot be added. Merge some with ComfyUI's Load LoRA node instead.")
+        return LoraSet((*self.loras, choice))
+
+
+def check_role(role: str, name: str) -> None:
+    if role not in ROLES:
+        raise ValueError(f"LoRA {name}: role must be {' or '.join(ROLES)}, not {role!r}. Subjects are who or what "
+                         "you render (a person, pet or object), styles how it looks (a medium, a look, lighting).")
+
+
+def same_file(a: LoraFile, b: LoraFile) -> bool:
+    """The same file read twice (same path, modification time and size), or the same object."""
+    return a is b or (bool(a.version) and a.version[:1] == b.version[:1])
 
 
 def layer_delta(patches: ModulePatches, choice: LoraChoice, geometry: LayerGeometry,

@@ -10,6 +10,7 @@ from ..glue.encoders import register_model_folders
 from ..glue.input_checks import add_input_checks
 from ..glue.memory_hooks import install_memory_hooks, release_caches  # noqa: F401  (release_caches: for tools/tests)
 from ..glue.routes import register_routes
+from .add_lora_node import AddLoRAToSet
 from .comparison_grid_node import PLoRAComparisonGrid
 from .encoder_nodes import LoadPLoRACLIPEncoder, LoadPLoRADINOEncoder, PLoRAEncoderFromCLIPVision
 from .guidance_model_node import PLoRAMetricGuidance
@@ -21,6 +22,7 @@ from .selection_map_node import PLoRASelectionMap
 
 NODE_CLASS_MAPPINGS = {
     "LoadSubjectStyleLoRA": LoadSubjectStyleLoRA,
+    "AddLoRAToSet": AddLoRAToSet,
     "PLoRAModelPatcher": PLoRAModelPatcher,
     "PosteriorMetricGuidanceSampler": PosteriorMetricGuidanceSampler,
     "PLoRAMetricGuidance": PLoRAMetricGuidance,
@@ -34,6 +36,7 @@ NODE_CLASS_MAPPINGS = {
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoadSubjectStyleLoRA": "Load Subject + Style LoRA (P-LoRA)",
+    "AddLoRAToSet": "Add LoRA to Set (P-LoRA)",
     "PLoRAModelPatcher": "P-LoRA Model Patcher (KL gate)",
     "PosteriorMetricGuidanceSampler": "P-LoRA Metric Guidance Sampler (CLIP + DINO)",
     "PLoRAMetricGuidance": "P-LoRA Metric Guidance (guided MODEL)",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..glue import host
 from ..glue.lora_loading import PAIR_TYPE, apply_text_encoder_parts, check_has_diffusion_part, read_lora
-from ..glue.lora_pair import LoraChoice, SubjectStyleLoras
+from ..glue.lora_pair import LoraChoice, LoraSet, same_file
 
 _STRENGTH = {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}
 
@@ -40,12 +40,13 @@ class LoadSubjectStyleLoRA:
     )
 
     def load(self, subject_lora, subject_strength, style_lora, style_strength, clip=None):
-        pair = SubjectStyleLoras(
-            subject=LoraChoice(read_lora(subject_lora), float(subject_strength)),
-            style=LoraChoice(read_lora(style_lora), float(style_strength)),
-        )
+        pair = LoraSet.pair(LoraChoice(read_lora(subject_lora), float(subject_strength)),
+                            LoraChoice(read_lora(style_lora), float(style_strength)))
+        if same_file(pair.subject.file, pair.style.file):
+            raise ValueError(f"The subject and the style LoRA are the same file ({pair.subject.name}): P-LoRA fuses two "
+                             "different LoRAs. Pick your subject's LoRA as subject_lora and a style LoRA as style_lora.")
         check_has_diffusion_part(pair.subject, "subject")
         check_has_diffusion_part(pair.style, "style")
         if clip is not None:
-            clip = apply_text_encoder_parts(clip, pair)
+            clip = apply_text_encoder_parts(clip, pair.loras)
         return (pair, clip)

@@ -194,9 +194,12 @@ def test_selection_map_node_draws_the_last_run(setup, pack):
     sample(patched)
     for cfg_pass in ("positive (cond)", "negative (uncond)"):
         (image,) = node.draw(patched, {"samples": torch.zeros(1, 4, 8, 8)}, 0, cfg_pass, 4)
-        assert image.shape == (1, len(attention) * 4, STEPS * 4, 3)
-        colours = {tuple(round(v, 2) for v in px.tolist()) for px in image[0, 1::4, 1::4].reshape(-1, 3)}
+        legend_height = pack.plora_core.selection_map.LEGEND_ROW * (2 + 2) + 4  # two LoRAs, "all", "none"
+        assert image.shape[:2] == (1, len(attention) * 4 + legend_height) and image.shape[2] >= STEPS * 4
+        cells = image[0, 1:len(attention) * 4:4, 1:STEPS * 4:4]
+        colours = {tuple(round(v, 2) for v in px.tolist()) for px in cells.reshape(-1, 3)}
         assert colours <= {(0.96, 0.58, 0.16), (0.22, 0.47, 0.96)}, "every (step, layer) cell was decided"
+        assert bool((image[0, len(attention) * 4:] > 0.99).any()), "the legend under the map (white, with text)"
 
 
 def test_cancel_stops_building_the_gated_layers(setup, pack):

@@ -32,13 +32,13 @@ def checked_inputs(pack):
 
 @pytest.fixture
 def good_values(pack, encoders):
-    from plora_pack.glue.lora_pair import LoraChoice, SubjectStyleLoras
+    from plora_pack.glue.lora_pair import LoraChoice, LoraSet
     from plora_pack.plora_core.lora_file import LoraFile
 
     lora = LoraFile("unused.safetensors", {}, {})
     return {"IMAGE": torch.rand(1, 8, 8, 3), "LATENT": {"samples": torch.zeros(1, 4, 8, 8)}, "STRING": "text",
             "PLORA_ENCODER": encoders[0],
-            "PLORA_PAIR": SubjectStyleLoras(LoraChoice(lora, 1.0), LoraChoice(lora, 1.0))}
+            "PLORA_PAIR": LoraSet.pair(LoraChoice(lora, 1.0), LoraChoice(lora, 1.0))}
 
 
 def valid_arguments(node_class, specs, good_values) -> dict:
