@@ -156,7 +156,7 @@ class CostLog(TorchDispatchMode):
         self.kernels.append(Kernel(name, self.phase, _distinct_bytes(reads), _distinct_bytes(writes), flops))
 
     def launch(self, name, kernel, grid, reads: tuple, writes: tuple, *args, flops: float = 0.0, **meta) -> None:
-        """Stands in for `plora_core.fused_gate.launch`: records the launch (with the FLOPs it declares), runs nothing."""
+        """Stands in for `plora_core.fused_gate.launch`: records the launch and its declared FLOPs, runs nothing."""
         self.record(f"triton:{name}", [t for t in reads if isinstance(t, torch.Tensor)],
                     [t for t in writes if isinstance(t, torch.Tensor)], float(flops))
 

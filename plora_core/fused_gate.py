@@ -47,6 +47,7 @@ PASSES = {"kl": 2, "js": 3, "cosine": 1, "dot": 1}  # passes over D_k in the par
 MAX_DELTAS = 8  # deltas per launch (unrolled in the kernels; one weight argument each)
 ROW_BLOCK = 16  # rows per program (a power of two >= 16: tl.dot's smallest M)
 CHANNEL_BLOCK = 256  # channels per block (a power of two >= 16); wider rows are looped over
+FACTOR_TILE_BYTES = 32768  # an up_t tile [RP, channel block] at most this big (tl.dot stages it in shared memory)
 PARTIALS_BLOCK = 1024  # partial sums a program of the add kernel loads at once
 FLOAT32_EXP_LIMIT = 60.0  # as divergence.FLOAT32_EXP_LIMIT
 INDEX_LIMIT = 2 ** 31  # elements of one operand: offsets k * delta_stride stay in int32
@@ -185,18 +186,22 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _geometry(base: torch.Tensor) -> tuple[int, int, int, tuple[int, int]]:
-    """(channels, tokens per sample, channel block, grid)."""
+def _geometry(base: torch.Tensor, deltas: _Deltas) -> tuple[int, int, int, tuple[int, int]]:
+    """(channels, tokens per sample, channel block, grid (B, row blocks per sample))."""
     channels = base.shape[-1]
     batch = base.shape[0]
     tokens = base.numel() // channels // batch
-    return channels, tokens, min(_next_power_of_2(channels), CHANNEL_BLOCK), (batch, _cdiv(tokens, ROW_BLOCK))
+    block_c = min(_next_power_of_2(channels), CHANNEL_BLOCK)
+    if deltas.factored:
+        element = 4 if _dot_in_float32(base) else base.element_size()
+        block_c = min(block_c, max(16, FACTOR_TILE_BYTES // (deltas.rank * element)))
+    return channels, tokens, block_c, (batch, _cdiv(tokens, ROW_BLOCK))
 
 
 def token_partials(base: torch.Tensor, deltas: _Deltas, criterion: str) -> torch.Tensor:
     """Launch (a): float64 [N, B, programs] sums of per-token values (Eq. 11-12), each over one block of rows."""
     kernels = _kernels()
-    channels, tokens, block_c, grid = _geometry(base)
+    channels, tokens, block_c, grid = _geometry(base, deltas)
     partials = torch.empty(deltas.count, *grid, dtype=torch.float64, device=base.device)
     flops = 2.0 * deltas.rank * base.numel() * deltas.count * PASSES[criterion] if deltas.factored else 0.0
     launch("plora_parts", kernels.parts_kernel, grid, (base, *deltas.reads), (partials,),
@@ -212,7 +217,7 @@ def choose_and_add(base: torch.Tensor, deltas: _Deltas, partials: torch.Tensor, 
     """Launch (b): (F + D_choice[b] per sample in the model's dtype, choice int32 [B], divergences float32 [N, B])
     - d_k the mean of the per-token values, choice the first k maximising w_k d_k (Eq. 13)."""
     kernels = _kernels()
-    channels, tokens, block_c, grid = _geometry(base)
+    channels, tokens, block_c, grid = _geometry(base, deltas)
     out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
     choice = torch.empty(grid[0], dtype=torch.int32, device=base.device)
     divergences = torch.empty(deltas.count, grid[0], dtype=torch.float32, device=base.device)

@@ -248,13 +248,13 @@ def add_kernel(F, D, H, U, PS, OUT, CHOICE, DIV, T, C, sf, sdk, sdr, sh, W0, W1,
     best_index = tl.full([1], 0, tl.int32)
     for k in tl.static_range(N):
         partial = PS + (k * batch + sample) * blocks
-        total = tl.zeros([BLOCK_P], dtype=tl.float64)
+        summed = tl.zeros([BLOCK_P], dtype=tl.float64)
         for p0 in range(0, blocks, BLOCK_P):
             index = p0 + offsets
-            total += tl.load(partial + index, mask=index < blocks, other=0.0)
-        d = (tl.sum(total, axis=0) / T).to(tl.float32)
-        tl.store(DIV + k * batch + sample, d, mask=first)
-        weighted = d * _weight(k, W0, W1, W2, W3, W4, W5, W6, W7)
+            summed += tl.load(partial + index, mask=index < blocks, other=0.0)
+        mean = (tl.sum(summed, axis=0) / T).to(tl.float32)
+        tl.store(DIV + k * batch + sample, mean, mask=first)
+        weighted = mean * _weight(k, W0, W1, W2, W3, W4, W5, W6, W7)
         better = weighted > best
         best_index = tl.where(better, k, best_index)
         best = tl.where(better, weighted, best)
@@ -267,6 +267,5 @@ def add_kernel(F, D, H, U, PS, OUT, CHOICE, DIV, T, C, sf, sdk, sdr, sh, W0, W1,
     for c0 in range(0, C, BLOCK_C):
         ok, f, d = _block(F, D, H, U, choice, rows, c0, cols0, C, sf, sdk, sdr, sh, 0.0, FACTORED, RP, DOT_F32,
                           ROUND_BF16)
-        total = f + d
-        rounded = _rounded(total, OUT.dtype.element_ty, ROUND_BF16)
+        rounded = _rounded(f + d, OUT.dtype.element_ty, ROUND_BF16)
         tl.store(OUT + rows[:, None] * C + (c0 + cols0)[None, :], rounded, mask=row_ok[:, None] & ok)
