@@ -19,7 +19,8 @@ where nothing is allocated at all.
 
 Triton kernels do not pass through aten: code that launches them through one function
 (`plora_core.fused_gate.launch`) is counted by `CostLog.launch`, which is patched in its
-place and records one kernel with the bytes of the tensors it is told are read and written.
+place and records one kernel with the bytes of the tensors it is told are read and written and
+the FLOPs it declares (the in-kernel matrix products).
 """
 
 from __future__ import annotations
@@ -154,10 +155,10 @@ class CostLog(TorchDispatchMode):
         """One kernel that reads `reads` and writes `writes` (tensors; each distinct view counted once)."""
         self.kernels.append(Kernel(name, self.phase, _distinct_bytes(reads), _distinct_bytes(writes), flops))
 
-    def launch(self, name, kernel, grid, reads: tuple, writes: tuple, *args, **meta) -> None:
-        """Stands in for `plora_core.fused_gate.launch`: records the launch, runs nothing."""
+    def launch(self, name, kernel, grid, reads: tuple, writes: tuple, *args, flops: float = 0.0, **meta) -> None:
+        """Stands in for `plora_core.fused_gate.launch`: records the launch and its declared FLOPs, runs nothing."""
         self.record(f"triton:{name}", [t for t in reads if isinstance(t, torch.Tensor)],
-                    [t for t in writes if isinstance(t, torch.Tensor)])
+                    [t for t in writes if isinstance(t, torch.Tensor)], float(flops))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

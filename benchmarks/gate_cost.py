@@ -259,14 +259,15 @@ def accelerator_branch_on_cpu():
 @contextlib.contextmanager
 def phases(log: CostLog):
     """Attribute kernels to the deltas (LayerDelta and DeltaStack calls), the divergence (the selection rule;
-    the fused parts and finish kernels) and choosing (choose_subject, and whatever else the gate runs:
+    the fused parts kernel) and choosing (choose_subject, and whatever else the gate runs:
     forming the output)."""
     gate, deltas = import_core()
     fused = fused_module()
     wrapped = [(deltas.LayerDelta, "__call__", "deltas"), (getattr(deltas, "DeltaStack", None), "__call__", "deltas"),
                (gate.DivergenceRule, "__call__", "divergence"), (gate, "choose_subject", "choose+add"),
                (fused, "shift_parts", "divergence"), (fused, "finish", "divergence"),
-               (fused, "add_chosen", "choose+add")]
+               (fused, "token_partials", "divergence"), (fused, "add_chosen", "choose+add"),
+               (fused, "choose_and_add", "choose+add")]
     with contextlib.ExitStack() as stack:
         for owner, name, phase in wrapped:
             if owner is not None and hasattr(owner, name):

@@ -1,45 +1,62 @@
-"""The gate of Eq. 11-13 as three Triton kernels, for accelerators (the eager `divergence` is the reference).
+"""The gate of Eq. 11-13 as two Triton kernels, for accelerators (the eager `divergence` is the reference).
 
-Per gated-layer call, with N LoRA deltas stacked as one [N, rows, C] tensor (channels last):
+F is a layer's output [B, ..., C] (channels last, read as rows [B * T, C]); D_k is LoRA k's delta
+on it. Two forms of the deltas:
 
-1. `_parts_kernel` (one launch): per token and delta, a few float32 sums over the channels that
-   `divergence` also computes - KL: [r, a - r, b - r] of `_kl_tokens` (v = D - E_q[D] centred,
-   a = E_q[expm1 v], b = E_q[v e^v], r = E_q[v]); JS: its per-token value; cosine: [F.F, F.D, D.D];
-   dot: [F.D]. F and D are read in the model's dtype; a block of rows is passed over a few times
-   (softmax statistics of F, then per delta its q-mean, then its sums), so each block is read from
-   memory once and again from L1/L2 (a block is at most BLOCK_ELEMENTS values per tensor; rows
-   wider than that - GEGLU's 5120/10240 channels - are looped over in channel blocks).
-2. `_finish_kernel` (one launch, one program per sample): the per-token values in float64 from the
-   parts, their mean over the sample's tokens, and the choice (Eq. 13): the first k maximising
-   w_k d_k with w = (1, style_bias, style_bias, ...) - for two deltas, subject iff d_c >= bias d_s.
-   No host sync: the choice stays on the device.
-3. `_add_kernel` (one launch): F + D_chosen per sample, in the model's dtype.
+- `gate_factored(base, hidden, up_t, ...)`: a plain low-rank LoRA, D_k = hidden_k @ up_t[k], where
+  the caller ran one GEMM hidden = x @ down_stacked^T. D is computed inside the kernels (tl.dot,
+  float32 accumulation, rounded to the model's dtype as a bmm in that dtype gives it) and never
+  written to memory: per gated layer three kernels (the caller's GEMM and two launches here).
+- `gate(base, deltas, ...)`: deltas materialised [N, B, ..., C] (LoHa, dense, conv...), read.
 
-Bytes per output element (fp16, two deltas): parts 6 (F, D_c, D_s once), add 6 (F, D_chosen) and
-2 written, against 2 for the layer's own output. Triton is imported lazily; without it (or off an
-accelerator) `fused_available` is False and the eager path runs. Set `FORCE = True` (or
-PLORA_FUSED_GATE=force) with TRITON_INTERPRET=1 to run the kernels on the CPU (tests).
-Every launch goes through `launch`, so a benchmark can count launches and bytes.
+Both run the same two kernels (`fused_gate_kernels`, the constexpr FACTORED switching the form):
+
+1. `parts_kernel`, grid (B, cdiv(T, ROW_BLOCK)): per token and delta the float32 sums over the
+   channels that `divergence` computes (KL through the centred v = D - E_q[D] with the exponent
+   limit, JS, cosine's stable form, dot), the per-token value in float64 from them (Eq. 11-12),
+   and per (delta, program) the float64 sum of its rows' values: a [N, B, programs] buffer.
+   A block is passed over a few times (softmax statistics of F, per delta its q-mean, its sums),
+   so it is read from memory once and again from cache; rows wider than CHANNEL_BLOCK (GEGLU's
+   5120/10240 channels) are looped over in channel blocks.
+2. `add_kernel`, the same grid: each program sums its sample's partials in a fixed order
+   (deterministic, the same in every program), d_k = the mean over the T tokens, the choice of
+   Eq. 13 (the first k maximising w_k d_k; ties -> the lowest k) and F + D_choice on its rows;
+   the programs of a sample's first block also write choice[b] and divergences[:, b].
+
+No host sync, no torch op but `torch.empty`. Bytes per output element (fp16, two rank-64 deltas
+at 640 channels, the GEMM included): about 9, against 18.9 with a bmm writing the deltas.
+Triton is imported lazily; without it (or off an accelerator) `fused_available` is False and the
+eager path runs. Set `FORCE = True` (or PLORA_FUSED_GATE=force) with TRITON_INTERPRET=1 to run the
+kernels on the CPU (tests). Every launch goes through `launch`, so a benchmark can count launches,
+bytes and FLOPs.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 FORCE = os.environ.get("PLORA_FUSED_GATE", "") == "force"  # run the kernels on the CPU too (TRITON_INTERPRET=1)
 DISABLED = os.environ.get("PLORA_FUSED_GATE", "") == "off"  # never use them
-CRITERIA = {"kl": (0, 3), "js": (1, 1), "cosine": (2, 3), "dot": (3, 1)}  # name -> (code, parts per token)
-MAX_DELTAS = 8  # deltas per launch (unrolled in the kernel)
-BLOCK_ELEMENTS = 4096  # values per tensor in one program's block (rows x channels)
-WIDE_BLOCK = 2048  # channel block of rows wider than BLOCK_ELEMENTS
+CRITERIA = {"kl": 0, "js": 1, "cosine": 2, "dot": 3}  # name -> the kernels' code
+PASSES = {"kl": 2, "js": 3, "cosine": 1, "dot": 1}  # passes over D_k in the parts kernel (D recomputed on each)
+MAX_DELTAS = 8  # deltas per launch (unrolled in the kernels; one weight argument each)
+ROW_BLOCK = 16  # rows per program (a power of two >= 16: tl.dot's smallest M)
+CHANNEL_BLOCK = 256  # channels per block (a power of two >= 16); wider rows are looped over
+FACTOR_TILE_BYTES = 32768  # an up_t tile [RP, channel block] at most this big (tl.dot stages it in shared memory)
+PARTIALS_BLOCK = 1024  # partial sums a program of the add kernel loads at once
 FLOAT32_EXP_LIMIT = 60.0  # as divergence.FLOAT32_EXP_LIMIT
+INDEX_LIMIT = 2 ** 31  # elements of one operand: offsets k * delta_stride stay in int32
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def launch(name: str, kernel, grid, reads: tuple, writes: tuple, *args, **meta):
-    """Run `kernel[grid](*args, **meta)`; `reads` / `writes` are the tensors it reads and writes.
+def launch(name: str, kernel, grid, reads: tuple, writes: tuple, *args, flops: float = 0.0, **meta):
+    """Run `kernel[grid](*args, **meta)`; `reads` / `writes` are the tensors it reads and writes, `flops`
+    the matrix-product FLOPs it does (2 RP per output element, delta and pass that recomputes D).
 
     The one place every launch of this module goes through (a benchmark replaces it to count).
     """
@@ -90,77 +107,155 @@ def _row_stride(t: torch.Tensor) -> int | None:
     return row
 
 
+def _base_ok(base: torch.Tensor, criterion: str) -> bool:
+    return (criterion in CRITERIA and base.ndim >= 2 and base.dtype in DTYPES and base.numel() > 0
+            and base.numel() < INDEX_LIMIT and _row_stride(base) is not None)
+
+
 def supports(base: torch.Tensor, deltas: torch.Tensor, channel_dim: int, criterion: str) -> bool:
     """Whether `gate` takes this call: channels last, row-flattenable F and [N, ...] deltas, a known criterion."""
-    return (criterion in CRITERIA and channel_dim % base.ndim == base.ndim - 1 and base.ndim >= 2
+    return (_base_ok(base, criterion) and channel_dim % base.ndim == base.ndim - 1
             and deltas.shape[1:] == base.shape and 1 <= deltas.shape[0] <= MAX_DELTAS
-            and base.dtype in (torch.float16, torch.bfloat16, torch.float32) and deltas.dtype == base.dtype
-            and _row_stride(base) is not None and _row_stride(deltas[0]) is not None and base.numel() > 0)
+            and deltas.dtype == base.dtype and _row_stride(deltas[0]) is not None
+            and deltas.shape[0] * max(deltas.stride(0), 1) < INDEX_LIMIT)
 
 
-def _blocks(channels: int) -> tuple[int, int]:
-    """(rows, channels) of one program's block."""
-    import triton
-    if channels <= BLOCK_ELEMENTS:
-        block_c = triton.next_power_of_2(channels)
-        return max(1, BLOCK_ELEMENTS // block_c), block_c
-    return 1, WIDE_BLOCK
+def supports_factored(base: torch.Tensor, hidden: torch.Tensor, up_t: torch.Tensor, criterion: str) -> bool:
+    """Whether `gate_factored` takes this call: F [B, ..., C] and hidden [B, ..., N * RP] row-flattenable,
+    up_t [N, RP, C] contiguous, RP a power of two >= 16, one dtype, a known criterion."""
+    if not (_base_ok(base, criterion) and up_t.ndim == 3 and up_t.is_contiguous()
+            and hidden.dtype == base.dtype and up_t.dtype == base.dtype):
+        return False
+    count, rank, channels = up_t.shape
+    return (1 <= count <= MAX_DELTAS and rank >= 16 and rank & (rank - 1) == 0 and channels == base.shape[-1]
+            and hidden.shape == (*base.shape[:-1], count * rank) and _row_stride(hidden) is not None
+            and up_t.numel() < INDEX_LIMIT and hidden.numel() < INDEX_LIMIT)
 
 
-def shift_parts(base: torch.Tensor, deltas: torch.Tensor, criterion: str) -> torch.Tensor:
-    """Per-token parts, float32 [N, K, rows], of `criterion` for F (`base`, [B, ..., C]) and deltas [N, B, ..., C]."""
-    kernels = _kernels()
-    code, count = CRITERIA[criterion]
-    channels = base.shape[-1]
-    rows = base.numel() // channels
-    n = deltas.shape[0]
-    parts = torch.empty(n, count, rows, dtype=torch.float32, device=base.device)
-    block_r, block_c = _blocks(channels)
-    grid = (triton_cdiv(rows, block_r),)
-    launch("plora_parts", kernels.parts_kernel, grid, (base, deltas), (parts,),
-           base, deltas, parts, rows, channels, _row_stride(base), deltas.stride(0), _row_stride(deltas[0]),
-           N=n, CRIT=code, K=count, BLOCK_R=block_r, BLOCK_C=block_c, EXP_LIMIT=FLOAT32_EXP_LIMIT)
-    return parts
+@dataclass(frozen=True)
+class _Deltas:
+    """The deltas as the kernels take them: D (materialised) or H, U (factored), strides, what is read."""
+
+    count: int
+    factored: bool
+    d: torch.Tensor
+    h: torch.Tensor
+    u: torch.Tensor
+    sdk: int
+    sdr: int
+    sh: int
+    rank: int
+    reads: tuple  # by the parts kernel
+    chosen: tuple  # by the add kernel (one delta's share)
 
 
-def finish(parts: torch.Tensor, batch: int, criterion: str, style_bias: float = 1.0):
-    """(divergences float32 [N, B], chosen index int32 [B], subject mask bool [B]) from `shift_parts`'s parts."""
-    kernels = _kernels()
-    n, _, rows = parts.shape
-    tokens = rows // batch
-    divergences = torch.empty(n, batch, dtype=torch.float32, device=parts.device)
-    choice = torch.empty(batch, dtype=torch.int32, device=parts.device)
-    subject = torch.empty(batch, dtype=torch.bool, device=parts.device)
-    import triton
-    block_t = min(1024, triton.next_power_of_2(max(tokens, 1)))
-    launch("plora_finish", kernels.finish_kernel, (batch,), (parts,), (divergences, choice, subject),
-           parts, divergences, choice, subject.view(torch.uint8), tokens, rows, float(style_bias),
-           N=n, CRIT=CRITERIA[criterion][0], K=CRITERIA[criterion][1], BLOCK_T=block_t)
-    return divergences, choice, subject
+def _materialised(base: torch.Tensor, deltas: torch.Tensor) -> _Deltas:
+    return _Deltas(deltas.shape[0], False, deltas, base, base, deltas.stride(0), _row_stride(deltas[0]), 0, 16,
+                   (deltas,), (deltas[0],))
 
 
-def add_chosen(base: torch.Tensor, deltas: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
-    """F + D_choice[b] for each sample b, in the model's dtype (Eq. 13)."""
-    kernels = _kernels()
-    channels = base.shape[-1]
-    rows = base.numel() // channels
-    out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
-    block_r, block_c = _blocks(channels)
-    grid = (triton_cdiv(rows, block_r), triton_cdiv(channels, block_c))
-    # bytes: F and one delta per element read, out written (the chosen delta is all that is read of D)
-    launch("plora_add", kernels.add_kernel, grid, (base, deltas[0], choice), (out,),
-           base, deltas, choice, out, rows, channels, rows // base.shape[0], _row_stride(base), deltas.stride(0),
-           _row_stride(deltas[0]), BLOCK_R=block_r, BLOCK_C=block_c)
-    return out
+def _factored(base: torch.Tensor, hidden: torch.Tensor, up_t: torch.Tensor) -> _Deltas:
+    count, rank, _ = up_t.shape
+    return _Deltas(count, True, base, hidden, up_t, 0, 0, _row_stride(hidden), rank, (hidden, up_t),
+                   (hidden[..., :rank], up_t[0]))
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _weights(weights: Sequence[float], count: int) -> tuple[float, ...]:
+    """The N weights of Eq. 13 as MAX_DELTAS python floats (the kernel's scalar arguments)."""
+    values = tuple(float(w) for w in weights)
+    if len(values) != count:
+        raise ValueError(f"P-LoRA fused gate: {len(values)} weights for {count} deltas")
+    return values + (0.0,) * (MAX_DELTAS - count)
+
+
+def _dot_in_float32(base: torch.Tensor) -> bool:
+    """IEEE float32 products: fp32 models (no TF32), and bf16 in the interpreter (its dot cannot read bf16)."""
+    return base.dtype == torch.float32 or (base.dtype == torch.bfloat16 and interpreting())
+
+
+def _round_bf16(base: torch.Tensor) -> bool:
+    """Round float32 -> bf16 in bits before the cast: the interpreter's cast truncates (a GPU's rounds)."""
+    return base.dtype == torch.bfloat16 and interpreting()
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _geometry(base: torch.Tensor, deltas: _Deltas) -> tuple[int, int, int, tuple[int, int]]:
+    """(channels, tokens per sample, channel block, grid (B, row blocks per sample))."""
+    channels = base.shape[-1]
+    batch = base.shape[0]
+    tokens = base.numel() // channels // batch
+    block_c = min(_next_power_of_2(channels), CHANNEL_BLOCK)
+    if deltas.factored:
+        element = 4 if _dot_in_float32(base) else base.element_size()
+        block_c = min(block_c, max(16, FACTOR_TILE_BYTES // (deltas.rank * element)))
+    return channels, tokens, block_c, (batch, _cdiv(tokens, ROW_BLOCK))
+
+
+def token_partials(base: torch.Tensor, deltas: _Deltas, criterion: str) -> torch.Tensor:
+    """Launch (a): float64 [N, B, programs] sums of per-token values (Eq. 11-12), each over one block of rows."""
+    kernels = _kernels()
+    channels, tokens, block_c, grid = _geometry(base, deltas)
+    partials = torch.empty(deltas.count, *grid, dtype=torch.float64, device=base.device)
+    flops = 2.0 * deltas.rank * base.numel() * deltas.count * PASSES[criterion] if deltas.factored else 0.0
+    launch("plora_parts", kernels.parts_kernel, grid, (base, *deltas.reads), (partials,),
+           base, deltas.d, deltas.h, deltas.u, partials, tokens, channels, _row_stride(base),
+           deltas.sdk, deltas.sdr, deltas.sh, flops=flops,
+           N=deltas.count, CRIT=CRITERIA[criterion], FACTORED=deltas.factored, RP=deltas.rank,
+           DOT_F32=_dot_in_float32(base), ROUND_BF16=_round_bf16(base), BLOCK_R=ROW_BLOCK, BLOCK_C=block_c,
+           EXP_LIMIT=FLOAT32_EXP_LIMIT)
+    return partials
+
+
+def choose_and_add(base: torch.Tensor, deltas: _Deltas, partials: torch.Tensor, weights: Sequence[float]):
+    """Launch (b): (F + D_choice[b] per sample in the model's dtype, choice int32 [B], divergences float32 [N, B])
+    - d_k the mean of the per-token values, choice the first k maximising w_k d_k (Eq. 13)."""
+    kernels = _kernels()
+    channels, tokens, block_c, grid = _geometry(base, deltas)
+    out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    choice = torch.empty(grid[0], dtype=torch.int32, device=base.device)
+    divergences = torch.empty(deltas.count, grid[0], dtype=torch.float32, device=base.device)
+    flops = 2.0 * deltas.rank * base.numel() if deltas.factored else 0.0
+    launch("plora_add", kernels.add_kernel, grid, (base, *deltas.chosen, partials), (out, choice, divergences),
+           base, deltas.d, deltas.h, deltas.u, partials, out, choice, divergences, tokens, channels,
+           _row_stride(base), deltas.sdk, deltas.sdr, deltas.sh, *_weights(weights, deltas.count), flops=flops,
+           N=deltas.count, FACTORED=deltas.factored, RP=deltas.rank, DOT_F32=_dot_in_float32(base),
+           ROUND_BF16=_round_bf16(base), BLOCK_R=ROW_BLOCK, BLOCK_C=block_c,
+           BLOCK_P=min(_next_power_of_2(grid[1]), PARTIALS_BLOCK))
+    return out, choice, divergences
+
+
+def _run(base: torch.Tensor, deltas: _Deltas, criterion: str, weights: Sequence[float]):
+    _weights(weights, deltas.count)  # refused before any launch
+    partials = token_partials(base, deltas, criterion)
+    return choose_and_add(base, deltas, partials, weights)
+
+
 @torch.no_grad()
-def gate(base: torch.Tensor, deltas: torch.Tensor, criterion: str = "kl", style_bias: float = 1.0):
-    """Eq. 9-13 fused: (F + D_chosen, subject mask [B], divergences [N, B]) for F [B, ..., C], deltas [N, B, ..., C]."""
-    parts = shift_parts(base, deltas, criterion)
-    divergences, choice, subject = finish(parts, base.shape[0], criterion, style_bias)
-    return add_chosen(base, deltas, choice), subject, divergences
+def gate(base: torch.Tensor, deltas: torch.Tensor, criterion: str = "kl", weights: Sequence[float] = (1.0, 1.0)):
+    """Eq. 9-13 fused on materialised deltas: (F + D_choice, choice int32 [B], divergences float32 [N, B]).
+
+    `base` F [B, ..., C] (fp16/bf16/fp32, rows flattenable with unit channel stride), `deltas`
+    [N, B, ..., C] in F's dtype, `weights` N python floats; see `supports`. Two launches.
+    """
+    return _run(base, _materialised(base, deltas), criterion, weights)
+
+
+@torch.no_grad()
+def gate_factored(base: torch.Tensor, hidden: torch.Tensor, up_t: torch.Tensor, criterion: str = "kl",
+                  weights: Sequence[float] = (1.0, 1.0)):
+    """Eq. 9-13 fused on low-rank deltas D_k = hidden[..., k RP:(k+1) RP] @ up_t[k], never materialised:
+    (F + D_choice contiguous [B, ..., C], choice int32 [B], divergences float32 [N, B]).
+
+    `base` F [B, ..., C] (fp16/bf16/fp32, rows flattenable with unit channel stride); `hidden`
+    [B, ..., N * RP] = x @ down_stacked^T in F's dtype, rows with unit channel stride; `up_t`
+    [N, RP, C] contiguous in F's dtype; RP a power of two >= 16 (ranks padded with exact zeros);
+    `weights` N python floats. See `supports_factored`. Two launches.
+    """
+    return _run(base, _factored(base, hidden, up_t), criterion, weights)

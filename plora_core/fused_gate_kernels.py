@@ -1,7 +1,16 @@
 """Triton kernels of `fused_gate` (imported only when Triton is; see that module for the design).
 
-Shapes: F rows [R, C] (row stride `sf`, channel stride 1); deltas [N, R, C] (delta stride `sdk`,
-row stride `sdr`); parts float32 [N, K, R] contiguous. All sums are float32, as in `divergence`.
+Shapes: F rows [R, C] (row stride `sf`, channel stride 1), R = B * T, sample b's rows b * T ..
+(b + 1) * T - 1. The deltas come in one of two forms (the constexpr FACTORED):
+
+- materialised: D [N, R, C] (delta stride `sdk`, row stride `sdr`, channel stride 1);
+- factored: H [R, N * RP] (row stride `sh`) and U [N, RP, C] contiguous; D_k = H[:, k RP:(k+1) RP] @ U[k],
+  computed with tl.dot (float32 accumulation) and rounded to the model's dtype, as a bmm in that
+  dtype gives it. D is never written to memory.
+
+PS, float64 [N, B, P] with P = cdiv(T, BLOCK_R): per delta and row block, the sum of the
+per-token values of the block's rows (each block inside one sample). Per-token sums are float32,
+as in `divergence`; per-token values and everything after them float64.
 """
 
 import triton
@@ -33,96 +42,6 @@ def _log1p(x):
 
 
 @triton.jit
-def _row_block(f_row, d_row, c0, cols0, C, F_PAD: tl.constexpr):
-    """(in range, F, D) of one channel block of the rows, in float32; F padded with F_PAD, D with 0."""
-    cols = c0 + cols0
-    ok = cols[None, :] < C
-    f = tl.load(f_row + cols[None, :], mask=ok, other=F_PAD).to(tl.float32)
-    d = tl.load(d_row + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    return ok, f, d
-
-
-@triton.jit
-def parts_kernel(F, D, P, R, C, sf, sdk, sdr, N: tl.constexpr, CRIT: tl.constexpr, K: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, EXP_LIMIT: tl.constexpr):
-    """Per-token parts of criterion CRIT for N deltas over a block of BLOCK_R rows (see `fused_gate`)."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    rows_safe = tl.minimum(rows, R - 1).to(tl.int64)  # out-of-range rows read the last row; not stored
-    f_row = F + rows_safe[:, None] * sf
-    cols0 = tl.arange(0, BLOCK_C)
-    zero = tl.zeros([BLOCK_R], dtype=tl.float32)
-    if CRIT <= 1:  # KL, JS: softmax statistics of F (max m, sum s of e^(F - m)), online over channel blocks
-        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        s = zero
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + cols0
-            ok = cols[None, :] < C
-            f = tl.load(f_row + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(f, axis=1))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(f - m_new[:, None]), axis=1)
-            m = m_new
-    for k in tl.static_range(N):
-        d_row = D + k * sdk + rows_safe[:, None] * sdr
-        out = P + k * (R * K) + rows
-        if CRIT <= 1:
-            # the q-mean E_q[D] and max D: the centring and the exponent limit of `_kl_tokens`
-            t = zero
-            d_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
-            for c0 in range(0, C, BLOCK_C):
-                ok, f, d = _row_block(f_row, d_row, c0, cols0, C, float("-inf"))
-                t += tl.sum(tl.exp(f - m[:, None]) * d, axis=1)
-                d_max = tl.maximum(d_max, tl.max(tl.where(ok, d, float("-inf")), axis=1))
-            mean = t / s
-            centre = mean + tl.maximum(d_max - mean - EXP_LIMIT, 0.0)
-            r = zero
-            a = zero
-            b = zero
-            for c0 in range(0, C, BLOCK_C):
-                ok, f, d = _row_block(f_row, d_row, c0, cols0, C, float("-inf"))
-                e = tl.exp(f - m[:, None])
-                v = tl.where(ok, d - centre[:, None], 0.0)
-                phi = _phi(v)
-                r += tl.sum(e * v, axis=1)
-                a += tl.sum(e * phi, axis=1)  # e^v - 1 - v: KL's a - r, or JS's a
-                b += tl.sum(e * v * (phi + v), axis=1)  # v (e^v - 1) = v e^v - v: b - r
-            if CRIT == 0:
-                tl.store(out, r / s, mask=row_ok)
-                tl.store(out + R, a / s, mask=row_ok)
-                tl.store(out + 2 * R, b / s, mask=row_ok)
-            else:  # JS = E_q[f(t)], t = p / q - 1 = (expm1 v - a) / (1 + a), f as in `_js_tokens_elementwise`
-                a_js = (a + r) / s
-                js = zero
-                for c0 in range(0, C, BLOCK_C):
-                    ok, f, d = _row_block(f_row, d_row, c0, cols0, C, float("-inf"))
-                    e = tl.exp(f - m[:, None])
-                    v = tl.where(ok, d - centre[:, None], 0.0)
-                    tt = (_phi(v) + v - a_js[:, None]) / (1.0 + a_js[:, None])
-                    tt = tl.maximum(tt, -1.0 + 2.384185791015625e-07)  # 2^-22, as the eager path
-                    first = _log1p(tt / (tt + 2.0)) * tt
-                    second = _log1p(tt * tt / (4.0 * (tt + 1.0)))
-                    js += tl.sum(tl.where(ok, e * (first - second), 0.0), axis=1)
-                tl.store(out, 0.5 * js / s, mask=row_ok)
-        else:  # cosine: F.F, F.D, D.D; dot: F.D
-            ff = zero
-            fd = zero
-            dd = zero
-            for c0 in range(0, C, BLOCK_C):
-                ok, f, d = _row_block(f_row, d_row, c0, cols0, C, 0.0)
-                fd += tl.sum(f * d, axis=1)
-                if CRIT == 2:
-                    ff += tl.sum(f * f, axis=1)
-                    dd += tl.sum(d * d, axis=1)
-            if CRIT == 2:
-                tl.store(out, ff, mask=row_ok)
-                tl.store(out + R, fd, mask=row_ok)
-                tl.store(out + 2 * R, dd, mask=row_ok)
-            else:
-                tl.store(out, fd, mask=row_ok)
-
-
-@triton.jit
 def _log1p64(a):
     """log(1 + a) in float64 for a > -1 (Kahan's form, exact where 1 + a == 1)."""
     w = 1.0 + a
@@ -131,60 +50,222 @@ def _log1p64(a):
 
 
 @triton.jit
-def finish_kernel(P, OUT, CHOICE, SUBJECT, T, R, bias, N: tl.constexpr, CRIT: tl.constexpr, K: tl.constexpr,
-                  BLOCK_T: tl.constexpr):
-    """One program per sample: per-token values in float64, their mean, and the choice of Eq. 13."""
-    sample = tl.program_id(0)
-    offsets = tl.arange(0, BLOCK_T)
-    best = tl.full([1], float("-inf"), tl.float32)
-    best_index = tl.full([1], 0, tl.int32)
-    for k in tl.static_range(N):
-        base = P + k * (R * K) + sample * T
-        total = tl.zeros([BLOCK_T], dtype=tl.float64)
-        for t0 in range(0, T, BLOCK_T):
-            tok = t0 + offsets
-            ok = tok < T
-            x0 = tl.load(base + tok, mask=ok, other=0.0).to(tl.float64)
-            if CRIT == 0:  # KL = b / (1 + a) - log1p(a), clamped at 0 (`_kl_from_parts`)
-                a = tl.load(base + R + tok, mask=ok, other=0.0).to(tl.float64) + x0
-                b = tl.load(base + 2 * R + tok, mask=ok, other=0.0).to(tl.float64) + x0
-                value = tl.maximum(b / (a + 1.0) - _log1p64(a), 0.0)
-            elif CRIT == 1:
-                value = x0
-            elif CRIT == 2:  # 1 - cos, as `_cosine_per_tokens`
-                cross = tl.load(base + R + tok, mask=ok, other=0.0).to(tl.float64)
-                delta_sq = tl.load(base + 2 * R + tok, mask=ok, other=0.0).to(tl.float64)
-                n0 = tl.sqrt(x0)
-                n1 = tl.sqrt(tl.maximum(x0 + 2.0 * cross + delta_sq, 0.0))
-                norms = n0 * n1
-                along = x0 + cross
-                safe = tl.where(norms > 0, norms, 1.0)
-                stable = tl.maximum(x0 * delta_sq - cross * cross, 0.0) / (safe * (safe + along))
-                plain = 1.0 - along / safe
-                per_token = tl.where(along > 0, stable, plain)
-                value = tl.where(norms > 0, per_token, tl.where(delta_sq > 0, 1.0, 0.0))
-            else:
-                value = -x0
-            total += tl.where(ok, value, 0.0)
-        d = (tl.sum(total, axis=0) / T).to(tl.float32)
-        tl.store(OUT + k * tl.num_programs(0) + sample, d)
-        weighted = d if k == 0 else d * bias
-        better = weighted > best
-        best_index = tl.where(better, k, best_index)
-        best = tl.where(better, weighted, best)
-    tl.store(CHOICE + sample + tl.arange(0, 1), best_index)
-    tl.store(SUBJECT + sample + tl.arange(0, 1), (best_index == 0).to(tl.uint8))
+def _rounded(x, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """float32 `x` rounded to `dtype` (to nearest even). ROUND_BF16: done in bits first, for the
+    interpreter, whose float32 -> bf16 cast truncates (after it the cast is exact)."""
+    if ROUND_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
-def add_kernel(F, D, CHOICE, OUT, R, C, T, sf, sdk, sdr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """OUT = F + D[choice[sample]] for a block of rows and channels (OUT contiguous [R, C])."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok = (rows[:, None] < R) & (cols[None, :] < C)
-    rows64 = rows.to(tl.int64)
-    chosen = tl.load(CHOICE + rows // T, mask=rows < R, other=0).to(tl.int64)
-    f = tl.load(F + rows64[:, None] * sf + cols[None, :], mask=ok, other=0.0)
-    d = tl.load(D + chosen[:, None] * sdk + rows64[:, None] * sdr + cols[None, :], mask=ok, other=0.0)
-    total = f.to(tl.float32) + d.to(tl.float32)
-    tl.store(OUT + rows64[:, None] * C + cols[None, :], total.to(OUT.dtype.element_ty), mask=ok)
+def _delta(D, H, U, k, rows, cols, col_ok, C, sdk, sdr, sh,
+           FACTORED: tl.constexpr, RP: tl.constexpr, DOT_F32: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """D_k on `rows` x `cols` in float32, 0 outside the channels (`k` a constexpr or a runtime index).
+
+    Factored: H_k @ U_k accumulated in float32 (IEEE products and sums where DOT_F32: fp32 models,
+    and bf16 under the interpreter, whose dot cannot read bf16), rounded to the model's dtype.
+    """
+    if FACTORED:
+        ranks = tl.arange(0, RP)
+        h = tl.load(H + rows[:, None] * sh + (k * RP + ranks)[None, :])
+        u = tl.load(U + (k * RP + ranks)[:, None] * C + cols[None, :], mask=col_ok, other=0.0)
+        if DOT_F32:
+            acc = tl.dot(h.to(tl.float32), u.to(tl.float32), input_precision="ieee")
+        else:
+            acc = tl.dot(h, u)
+        d = _rounded(acc, H.dtype.element_ty, ROUND_BF16).to(tl.float32)
+    else:
+        d = tl.load(D + k * sdk + rows[:, None] * sdr + cols[None, :], mask=col_ok, other=0.0).to(tl.float32)
+    return d
+
+
+@triton.jit
+def _block(F, D, H, U, k, rows, c0, cols0, C, sf, sdk, sdr, sh, F_PAD: tl.constexpr,
+           FACTORED: tl.constexpr, RP: tl.constexpr, DOT_F32: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """(channels in range [1, BLOCK_C], F, D_k) of one channel block of the rows, in float32; F padded with F_PAD."""
+    cols = c0 + cols0
+    ok = cols[None, :] < C
+    f = tl.load(F + rows[:, None] * sf + cols[None, :], mask=ok, other=F_PAD).to(tl.float32)
+    d = _delta(D, H, U, k, rows, cols, ok, C, sdk, sdr, sh, FACTORED, RP, DOT_F32, ROUND_BF16)
+    return ok, f, d
+
+
+@triton.jit
+def _token_value(x0, x1, x2, CRIT: tl.constexpr):
+    """Per-token value in float64 from its float32 sums (as `divergence`'s finishes)."""
+    x0 = x0.to(tl.float64)
+    if CRIT == 0:  # KL = b / (1 + a) - log1p(a), clamped at 0 (`_kl_from_parts`); x = [r, a - r, b - r]
+        a = x1.to(tl.float64) + x0
+        b = x2.to(tl.float64) + x0
+        value = tl.maximum(b / (a + 1.0) - _log1p64(a), 0.0)
+    elif CRIT == 1:  # JS, summed in float32
+        value = x0
+    elif CRIT == 2:  # 1 - cos from [F.F, F.D, D.D], as `_cosine_from_parts`
+        cross = x1.to(tl.float64)
+        delta_sq = x2.to(tl.float64)
+        n0 = tl.sqrt(x0)
+        n1 = tl.sqrt(tl.maximum(x0 + 2.0 * cross + delta_sq, 0.0))
+        norms = n0 * n1
+        along = x0 + cross
+        safe = tl.where(norms > 0, norms, 1.0)
+        stable = tl.maximum(x0 * delta_sq - cross * cross, 0.0) / (safe * (safe + along))
+        plain = 1.0 - along / safe
+        per_token = tl.where(along > 0, stable, plain)
+        value = tl.where(norms > 0, per_token, tl.where(delta_sq > 0, 1.0, 0.0))
+    else:  # dot: -F.D
+        value = -x0
+    return value
+
+
+@triton.jit
+def parts_kernel(F, D, H, U, PS, T, C, sf, sdk, sdr, sh, N: tl.constexpr, CRIT: tl.constexpr,
+                 FACTORED: tl.constexpr, RP: tl.constexpr, DOT_F32: tl.constexpr, ROUND_BF16: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, EXP_LIMIT: tl.constexpr):
+    """Program (sample, block): per delta, the float64 sum of the per-token values of its BLOCK_R rows.
+
+    Per token and delta, the float32 sums over the channels that `divergence` computes - KL:
+    [r, a - r, b - r] of `_kl_tokens` (v = D - E_q[D] centred, with the exponent limit; a = E_q[expm1 v],
+    b = E_q[v e^v], r = E_q[v]); JS: its value; cosine: [F.F, F.D, D.D]; dot: [F.D] - then the value
+    in float64 (`_token_value`). The block is passed over a few times (softmax statistics of F, then
+    per delta its q-mean, then its sums), D recomputed on each pass in the factored form.
+    """
+    sample = tl.program_id(0)
+    block = tl.program_id(1)
+    tok = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = tok < T
+    rows = (sample * T + tl.minimum(tok, T - 1)).to(tl.int64)  # rows past the sample read its last; not summed
+    out = PS + sample * tl.num_programs(1) + block
+    stride_k = tl.num_programs(0) * tl.num_programs(1)
+    cols0 = tl.arange(0, BLOCK_C)
+    zero = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if CRIT <= 1:  # KL, JS: softmax statistics of F (max m, sum s of e^(F - m)), online over channel blocks
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        s = zero
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + cols0
+            ok = cols[None, :] < C
+            f = tl.load(F + rows[:, None] * sf + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(f, axis=1))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(f - m_new[:, None]), axis=1)
+            m = m_new
+    for k in tl.static_range(N):
+        if CRIT <= 1:
+            # the q-mean E_q[D] and max D: the centring and the exponent limit of `_kl_tokens`
+            t = zero
+            d_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                ok, f, d = _block(F, D, H, U, k, rows, c0, cols0, C, sf, sdk, sdr, sh, float("-inf"),
+                                  FACTORED, RP, DOT_F32, ROUND_BF16)
+                t += tl.sum(tl.exp(f - m[:, None]) * d, axis=1)
+                d_max = tl.maximum(d_max, tl.max(tl.where(ok, d, float("-inf")), axis=1))
+            mean = t / s
+            centre = mean + tl.maximum(d_max - mean - EXP_LIMIT, 0.0)
+            r = zero
+            a = zero
+            b = zero
+            for c0 in range(0, C, BLOCK_C):
+                ok, f, d = _block(F, D, H, U, k, rows, c0, cols0, C, sf, sdk, sdr, sh, float("-inf"),
+                                  FACTORED, RP, DOT_F32, ROUND_BF16)
+                e = tl.exp(f - m[:, None])
+                v = tl.where(ok, d - centre[:, None], 0.0)
+                phi = _phi(v)
+                r += tl.sum(e * v, axis=1)
+                a += tl.sum(e * phi, axis=1)  # e^v - 1 - v: KL's a - r, or JS's a
+                b += tl.sum(e * v * (phi + v), axis=1)  # v (e^v - 1) = v e^v - v: b - r
+            if CRIT == 0:
+                value = _token_value(r / s, a / s, b / s, CRIT)
+            else:  # JS = E_q[f(t)], t = p / q - 1 = (expm1 v - a) / (1 + a), f as in `_js_tokens_elementwise`
+                a_js = (a + r) / s
+                js = zero
+                for c0 in range(0, C, BLOCK_C):
+                    ok, f, d = _block(F, D, H, U, k, rows, c0, cols0, C, sf, sdk, sdr, sh, float("-inf"),
+                                      FACTORED, RP, DOT_F32, ROUND_BF16)
+                    e = tl.exp(f - m[:, None])
+                    v = tl.where(ok, d - centre[:, None], 0.0)
+                    tt = (_phi(v) + v - a_js[:, None]) / (1.0 + a_js[:, None])
+                    tt = tl.maximum(tt, -1.0 + 2.384185791015625e-07)  # 2^-22, as the eager path
+                    first = _log1p(tt / (tt + 2.0)) * tt
+                    second = _log1p(tt * tt / (4.0 * (tt + 1.0)))
+                    js += tl.sum(tl.where(ok, e * (first - second), 0.0), axis=1)
+                value = _token_value(0.5 * js / s, zero, zero, CRIT)
+        else:  # cosine: F.F, F.D, D.D; dot: F.D
+            ff = zero
+            fd = zero
+            dd = zero
+            for c0 in range(0, C, BLOCK_C):
+                ok, f, d = _block(F, D, H, U, k, rows, c0, cols0, C, sf, sdk, sdr, sh, 0.0, FACTORED, RP, DOT_F32,
+                                  ROUND_BF16)
+                fd += tl.sum(f * d, axis=1)
+                if CRIT == 2:
+                    ff += tl.sum(f * f, axis=1)
+                    dd += tl.sum(d * d, axis=1)
+            if CRIT == 2:
+                value = _token_value(ff, fd, dd, CRIT)
+            else:
+                value = _token_value(fd, zero, zero, CRIT)
+        tl.store(out + k * stride_k, tl.sum(tl.where(row_ok, value, 0.0), axis=0))
+
+
+@triton.jit
+def _weight(k: tl.constexpr, W0, W1, W2, W3, W4, W5, W6, W7):
+    """w_k of Eq. 13's weighted choice (k a constexpr)."""
+    w = W0
+    if k == 1:
+        w = W1
+    if k == 2:
+        w = W2
+    if k == 3:
+        w = W3
+    if k == 4:
+        w = W4
+    if k == 5:
+        w = W5
+    if k == 6:
+        w = W6
+    if k == 7:
+        w = W7
+    return w
+
+
+@triton.jit
+def add_kernel(F, D, H, U, PS, OUT, CHOICE, DIV, T, C, sf, sdk, sdr, sh, W0, W1, W2, W3, W4, W5, W6, W7,
+               N: tl.constexpr, FACTORED: tl.constexpr, RP: tl.constexpr, DOT_F32: tl.constexpr,
+               ROUND_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program (sample, block): d_k = mean of the sample's per-token values (its PS row, summed in a fixed
+    order, so every program of a sample gets the same numbers), the choice (Eq. 13: the first k maximising
+    w_k d_k), and OUT = F + D_choice on the block's rows (OUT contiguous [R, C]). The programs of a sample's
+    first block also write CHOICE[sample] and DIV[:, sample]."""
+    sample = tl.program_id(0)
+    block = tl.program_id(1)
+    batch = tl.num_programs(0)
+    blocks = tl.num_programs(1)
+    first = block == 0
+    offsets = tl.arange(0, BLOCK_P)
+    best = tl.full([1], float("-inf"), tl.float32)
+    best_index = tl.full([1], 0, tl.int32)
+    for k in tl.static_range(N):
+        partial = PS + (k * batch + sample) * blocks
+        summed = tl.zeros([BLOCK_P], dtype=tl.float64)
+        for p0 in range(0, blocks, BLOCK_P):
+            index = p0 + offsets
+            summed += tl.load(partial + index, mask=index < blocks, other=0.0)
+        mean = (tl.sum(summed, axis=0) / T).to(tl.float32)
+        tl.store(DIV + k * batch + sample, mean, mask=first)
+        weighted = mean * _weight(k, W0, W1, W2, W3, W4, W5, W6, W7)
+        better = weighted > best
+        best_index = tl.where(better, k, best_index)
+        best = tl.where(better, weighted, best)
+    tl.store(CHOICE + sample + tl.arange(0, 1), best_index, mask=first)
+    choice = tl.max(best_index, axis=0)
+    tok = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = tok < T
+    rows = (sample * T + tl.minimum(tok, T - 1)).to(tl.int64)
+    cols0 = tl.arange(0, BLOCK_C)
+    for c0 in range(0, C, BLOCK_C):
+        ok, f, d = _block(F, D, H, U, choice, rows, c0, cols0, C, sf, sdk, sdr, sh, 0.0, FACTORED, RP, DOT_F32,
+                          ROUND_BF16)
+        rounded = _rounded(f + d, OUT.dtype.element_ty, ROUND_BF16)
+        tl.store(OUT + rows[:, None] * C + (c0 + cols0)[None, :], rounded, mask=row_ok[:, None] & ok)

@@ -1,9 +1,11 @@
 """The fused (Triton) gate against the eager reference and float64 definitions, run on the CPU by Triton's interpreter.
 
 `plora_core.fused_gate` is what an accelerator runs; here `FORCE` sends CPU tensors through the
-same kernels under TRITON_INTERPRET=1 (set before Triton is imported). Magnitudes as in
-test_divergence_accuracy.py (320-10240 channels, logit std 1-100, deltas 1e-4..1e-1 of it), with
-few tokens (the interpreter is slow) and token counts that are not multiples of the row block.
+same kernels under TRITON_INTERPRET=1 (set before Triton is imported). Both forms of the deltas:
+factored (`gate_factored`: D_k = hidden_k @ up_t[k] computed in the kernels) and materialised
+(`gate`). Magnitudes as in test_divergence_accuracy.py (320-5120 channels, logit std 1-100, deltas
+1e-4..1e-1 of it), with few tokens (the interpreter is slow) and token counts that are not
+multiples of the row block. The eager reference gets the deltas materialised in the model's dtype.
 """
 
 import math
@@ -33,11 +35,7 @@ _TRITON_ALREADY_COMPILING = not fused_gate.interpreting()
 
 CRITERIA = ("kl", "js", "cosine", "dot")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# eager per-token parts and their float64 finish, as `divergence` computes them for one [rows, C] chunk
-EAGER = {"kl": (divergence._kl_per_tokens, divergence._kl_from_parts),
-         "js": (divergence._js_per_tokens, divergence._single_part),
-         "cosine": (divergence._cosine_per_tokens, divergence._cosine_from_parts),
-         "dot": (divergence._dot_per_tokens, divergence._negated)}
+MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
 
 
 def rerun_with_the_interpreter(test_file: str, selection: str) -> None:
@@ -64,12 +62,13 @@ def forced(monkeypatch):
     launches = []
     real = fused_gate.launch
 
-    def counted(name, kernel, grid, reads, writes, *args, **meta):
+    def counted(name, kernel, grid, reads, writes, *args, flops=0.0, **meta):
         launches.append(name)
-        return real(name, kernel, grid, reads, writes, *args, **meta)
+        return real(name, kernel, grid, reads, writes, *args, flops=flops, **meta)
 
     monkeypatch.setattr(fused_gate, "launch", counted)
     return launches
+
 
 
 def per_token64(base: torch.Tensor, delta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -85,111 +84,258 @@ def per_token64(base: torch.Tensor, delta: torch.Tensor) -> dict[str, torch.Tens
     }
 
 
-def make_layer(batch, tokens, channels, logit_std, delta_rel, dtype, unbalanced, count=2, seed=0):
-    """(F [B, T, C], deltas [count, B, T, C]) in `dtype`; each delta's size differs by a few % per sample."""
+SIZES = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.05, 0.95, 1.02, 0.98], [0.9, 1.1, 1.0, 0.97], [1.1, 0.9, 0.95, 1.04]])
+
+
+def make_factored(batch, tokens, channels, logit_std, delta_rel, dtype, unbalanced, rank=16, count=2, seed=0):
+    """(F [B, T, C], hidden [B, T, N * RP], up_t [N, RP, C]) in `dtype`; each LoRA's delta is about
+    logit_std * delta_rel (within a factor sqrt 2), its size a few % different per sample (so that the
+    LoRAs separate). The factors are small integers (hidden) and small integers times a power of two
+    (up_t): every product and sum of D = hidden_k @ up_t[k] is exact in float32 whatever the order,
+    so D rounded to the dtype is one tensor, the same from torch's matmul and from the kernels' tl.dot
+    (otherwise a sum on the midpoint of two fp16 values may round either way: a 1-ulp D difference)."""
     generator = torch.Generator().manual_seed(seed)
     base = torch.randn(batch, tokens, channels, generator=generator) * logit_std
     if unbalanced:
         base[..., :4] *= 8.0
-    deltas = torch.randn(count, batch, tokens, channels, generator=generator) * logit_std * delta_rel
-    sizes = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.05, 0.95, 1.02, 0.98], [0.9, 1.1, 1.0, 0.97]])
-    deltas *= sizes[:count, :batch].reshape(count, batch, 1, 1)
-    return base.to(DTYPES[dtype]), deltas.to(DTYPES[dtype])
+    hidden = torch.randn(batch, tokens, count, rank, generator=generator) * 4.0
+    hidden = (hidden * SIZES[:count, :batch].T.reshape(batch, 1, count, 1)).round().clamp(-15, 15)
+    up_t = (torch.randn(count, rank, channels, generator=generator) * 20.0).round().clamp(-64, 64)
+    shift = round(math.log2(80.0 * math.sqrt(rank) / (logit_std * delta_rel)))
+    up_t = up_t * 2.0 ** -shift
+    return base.to(dtype), hidden.reshape(batch, tokens, count * rank).to(dtype), up_t.to(dtype)
 
 
-# (batch, tokens, channels, logit std, delta / logit std, dtype, unbalanced channels)
-CASES = [
-    (2, 37, 320, 70.0, 1e-4, "fp32", False),   # 8-row blocks, 37 tokens: a ragged last block
-    (3, 19, 640, 5.0, 1e-3, "fp16", False),
-    (2, 24, 1280, 100.0, 1e-2, "fp16", True),
-    (4, 5, 3072, 30.0, 1e-1, "bf16", False),   # Flux width, large deltas
-    (2, 13, 2048, 4.0, 1e-1, "bf16", True),    # |v| ~ 2
-    (2, 7, 5120, 10.0, 3e-2, "fp32", False),   # GEGLU 640: wider than one block, looped (5120 = 2.5 blocks)
-    (2, 3, 10240, 1.0, 1e-4, "bf16", True),    # GEGLU 1280, tiny KL
+def materialised(hidden, up_t):
+    """[N, B, T, C]: hidden_k @ up_t[k] in the model's dtype (what a bmm gives)."""
+    count, rank, _ = up_t.shape
+    return torch.stack([hidden[..., k * rank:(k + 1) * rank] @ up_t[k] for k in range(count)])
+
+
+def chosen_output(base, hidden, up_t, choice):
+    """F + D_choice[b], D computed in float32 and rounded to the dtype, the sum in float32, rounded."""
+    rank = up_t.shape[1]
+    rows = []
+    for b, k in enumerate(choice.tolist()):
+        delta = (hidden[b, ..., k * rank:(k + 1) * rank].float() @ up_t[k].float()).to(base.dtype)
+        rows.append((base[b].float() + delta.float()).to(base.dtype))
+    return torch.stack(rows)
+
+
+def ulp(x: torch.Tensor) -> torch.Tensor:
+    """One unit in the last place of each value of `x` (in its dtype), as float32."""
+    bits = MANTISSA_BITS[x.dtype]
+    tiny = torch.finfo(x.dtype).tiny
+    magnitude = x.float().abs().clamp(min=tiny)
+    return torch.exp2(torch.floor(torch.log2(magnitude)) - bits)
+
+
+def first_argmax(values: torch.Tensor) -> torch.Tensor:
+    """[B] index of the first maximum over dim 0 of [N, B] (ties -> the lowest index), written out."""
+    best = values[0].clone()
+    index = torch.zeros(values.shape[1], dtype=torch.long)
+    for k in range(1, values.shape[0]):
+        better = values[k] > best
+        index[better] = k
+        best = torch.where(better, values[k], best)
+    return index
+
+
+def check_against_references(criterion, base, deltas, divergences, choice, weights, tokens):
+    """Divergences as the eager reference's within float32 rounding and as close to float64 as it;
+    the choice the float64 one wherever the weighted divergences differ by more than 2 %."""
+    count, batch = deltas.shape[:2]
+    reference = torch.stack(divergence.get_shift_divergence(criterion)(base, tuple(deltas), -1))
+    exact = torch.stack([per_token64(base, d)[criterion] for d in deltas]).mean(dim=2)  # [N, B] float64
+    assert divergences.shape == (count, batch) and divergences.dtype == torch.float32
+    assert choice.shape == (batch,) and choice.dtype == torch.int32
+    scale = exact.abs().max(dim=0).values  # per sample
+    fused_error = ((divergences.double() - exact).abs() / scale).max()
+    eager_error = ((reference.double() - exact).abs() / scale).max()
+    assert fused_error <= 2 * eager_error + 2e-6, (criterion, float(fused_error), float(eager_error))
+    assert ((divergences - reference).abs() <= 2e-5 * reference.abs().max(dim=0).values).all(), \
+        (criterion, divergences, reference)
+    w = torch.tensor(weights, dtype=torch.float64)[:, None]
+    weighted = w * exact
+    top = weighted.sort(dim=0, descending=True).values
+    resolved = (top[0] - top[1]) > 0.02 * weighted.abs().max(dim=0).values
+    assert torch.equal(choice.long()[resolved], first_argmax(weighted)[resolved]), (criterion, choice, weighted)
+    # and the choice is Eq. 13 on the divergences it returned (the first k maximising w_k d_k, float32)
+    assert torch.equal(choice.long(), first_argmax(torch.tensor(weights, dtype=torch.float32)[:, None] * divergences))
+    return resolved
+
+
+# (batch, tokens, channels, logit std, delta / logit std, dtype, unbalanced channels, rank, LoRAs)
+FACTORED_CASES = [
+    (2, 37, 320, 70.0, 1e-4, "fp32", False, 16, 2),   # 37 tokens: 3 row blocks, a ragged last one
+    (2, 19, 640, 5.0, 1e-3, "fp16", False, 32, 2),
+    (2, 19, 1280, 100.0, 1e-2, "fp16", True, 16, 3),
+    (2, 7, 3072, 30.0, 1e-1, "bf16", False, 16, 2),   # Flux width, large deltas
+    (2, 13, 2048, 4.0, 1e-1, "bf16", True, 32, 4),    # |v| ~ 2
+    (2, 5, 5120, 10.0, 3e-2, "fp32", False, 16, 2),   # GEGLU 640: 20 channel blocks
 ]
 
 
 def case_id(case):
-    batch, tokens, channels, std, rel, dtype, unbalanced = case
-    return f"B{batch}-T{tokens}-C{channels}-std{std:g}-d{rel:g}-{dtype}{'-unbal' if unbalanced else ''}"
+    batch, tokens, channels, std, rel, dtype, unbalanced, rank, count = case
+    return (f"B{batch}-T{tokens}-C{channels}-std{std:g}-d{rel:g}-{dtype}{'-unbal' if unbalanced else ''}"
+            f"-r{rank}-N{count}")
 
 
-def eager_per_token(criterion, base, deltas):
-    """[N, B * T] float64 per-token values of the eager reference."""
-    per_tokens, finish = EAGER[criterion]
-    channels = base.shape[-1]
-    parts = per_tokens(base.reshape(-1, channels), [d.reshape(-1, channels) for d in deltas], 1)
-    return torch.stack([finish(p) for p in parts])
-
-
-def fused_per_token(criterion, base, deltas):
-    parts = fused_gate.shift_parts(base, deltas, criterion)
-    finish = EAGER[criterion][1]
-    return parts, torch.stack([finish(p) for p in parts])
-
-
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_fused_parts_and_divergences_equal_the_eager_reference_and_decide_as_float64(case, forced):
-    batch, tokens, channels, std, rel, dtype, unbalanced = case
-    base, deltas = make_layer(batch, tokens, channels, std, rel, dtype, unbalanced)
+@pytest.mark.parametrize("case", FACTORED_CASES, ids=case_id)
+def test_factored_gate_equals_the_eager_reference_and_decides_as_float64(case, forced):
+    batch, tokens, channels, std, rel, dtype, unbalanced, rank, count = case
+    base, hidden, up_t = make_factored(batch, tokens, channels, std, rel, DTYPES[dtype], unbalanced, rank, count)
+    deltas = materialised(hidden, up_t)
+    weights = (1.0,) * count
+    separated = torch.zeros(batch, dtype=torch.bool)
     for criterion in CRITERIA:
-        parts, fused_tokens = fused_per_token(criterion, base, deltas)
-        assert parts.dtype == torch.float32 and parts.shape == (2, fused_gate.CRITERIA[criterion][1], batch * tokens)
-        eager_tokens = eager_per_token(criterion, base, deltas)
-        exact = torch.stack([per_token64(base, d)[criterion].reshape(-1) for d in deltas])
-        # per token: as close to float64 as the eager reference is, up to float32 rounding of the sums
-        scale = exact.abs().mean(dim=1, keepdim=True)
-        fused_error = ((fused_tokens - exact).abs() / scale).max()
-        eager_error = ((eager_tokens - exact).abs() / scale).max()
-        assert fused_error <= 2 * eager_error + 1e-4, (criterion, float(fused_error), float(eager_error))
-
-        divergences, choice, subject = fused_gate.finish(parts, batch, criterion)
-        reference = torch.stack(divergence.get_shift_divergence(criterion)(base, tuple(deltas), -1))
-        assert divergences.shape == (2, batch) and divergences.dtype == torch.float32
-        spread = reference.abs().max()
-        assert ((divergences - reference).abs() <= 1e-4 * spread + 1e-12).all(), (criterion, divergences, reference)
-
-        d64 = exact.view(2, batch, tokens).mean(dim=2)
-        resolved = (d64[0] - d64[1]).abs() > 0.02 * d64.abs().max(dim=0).values
-        assert resolved.any(), "the case separates the two LoRAs somewhere"
-        assert torch.equal(subject[resolved], (d64[0] >= d64[1])[resolved]), criterion
-        assert torch.equal(choice.long(), (~subject).long())
-    assert forced.count("plora_parts") == len(CRITERIA) and forced.count("plora_finish") == len(CRITERIA)
+        assert fused_gate.supports_factored(base, hidden, up_t, criterion)
+        forced.clear()
+        out, choice, divergences = fused_gate.gate_factored(base, hidden, up_t, criterion, weights)
+        assert forced == ["plora_parts", "plora_add"]
+        separated |= check_against_references(criterion, base, deltas, divergences, choice, weights, tokens)
+        expected = chosen_output(base, hidden, up_t, choice)
+        assert out.dtype == base.dtype and out.shape == base.shape and out.is_contiguous()
+        # within one ulp (D's float32 sum is exact here, so the output is in fact bit-exact)
+        assert ((out.float() - expected.float()).abs() <= ulp(expected)).all(), criterion
+        assert torch.equal(out, expected), criterion
+        other = chosen_output(base, hidden, up_t, (choice + 1) % count)
+        assert not torch.equal(out, other), "the LoRAs' outputs differ: the test sees which was added"
+    assert separated.all(), "every sample's LoRAs are told apart by some criterion"
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)
-def test_fused_gate_output_is_f_plus_the_chosen_delta_in_three_launches(criterion, forced):
-    base, deltas = make_layer(3, 11, 640, 20.0, 1e-2, "fp16", True)
-    out, subject, divergences = fused_gate.gate(base, deltas, criterion, style_bias=1.0)
-    assert forced == ["plora_parts", "plora_finish", "plora_add"]
-    expected = gate_module.add_selected(base, deltas[0], deltas[1], subject)
-    assert out.dtype == torch.float16 and torch.equal(out, expected)
-    # style_bias moves the choice as Eq. 13 with the bias does
-    d_c, d_s = divergences
-    for bias in (0.0, 1e9):
-        _, biased, _ = fused_gate.gate(base, deltas, criterion, style_bias=bias)
-        assert torch.equal(biased, d_c >= d_s * bias)
+def test_weights_choose_as_eq13_with_weights_ties_to_the_lowest_index(criterion, forced):
+    base, hidden, up_t = make_factored(2, 9, 320, 10.0, 1e-2, torch.float32, False, rank=16, count=3)
+    _, _, divergences = fused_gate.gate_factored(base, hidden, up_t, criterion, (1.0, 1.0, 1.0))
+    for weights in ((1e9, 1.0, 1.0), (1.0, 1e9, 1.0), (1.0, 1.0, 1e9), (0.5, 2.0, 1.0), (0.0, 0.0, 0.0)):
+        _, choice, again = fused_gate.gate_factored(base, hidden, up_t, criterion, weights)
+        assert torch.equal(again, divergences), "weights change the choice only"
+        expected = first_argmax(torch.tensor(weights)[:, None] * divergences)
+        assert torch.equal(choice.long(), expected), (weights, choice, divergences)
+        if max(weights) == 1e9 and criterion != "dot":  # dot's d may be negative: a huge weight then loses
+            assert (choice == weights.index(1e9)).all()
+    # LoRAs 1 and 2 identical (ties): the lower index wins
+    twin_up, twin_hidden = up_t.clone(), hidden.clone()
+    twin_up[2] = twin_up[1]
+    twin_hidden[..., 32:48] = twin_hidden[..., 16:32]
+    _, choice, tied = fused_gate.gate_factored(base, twin_hidden, twin_up, criterion, (0.0, 1.0, 1.0))
+    assert torch.equal(tied[1], tied[2]) and (choice != 2).all()
+    assert torch.equal(choice.long(), first_argmax(torch.tensor([0.0, 1.0, 1.0])[:, None] * tied))
+    if criterion != "dot":  # divergences > 0: LoRA 0 (weight 0) loses, 1 wins the tie with 2
+        assert (choice == 1).all()
 
 
-def test_more_than_two_deltas_each_match_the_eager_reference(forced):
-    """Written for N deltas: each gets its own parts; the choice is the first maximising w_k d_k."""
-    base, deltas = make_layer(4, 9, 1280, 30.0, 3e-2, "fp32", False, count=3)
-    parts, fused_tokens = fused_per_token("kl", base, deltas)
-    reference = torch.stack(divergence.kl_of_shifts(base, tuple(deltas), -1))
-    divergences, choice, subject = fused_gate.finish(parts, 4, "kl", style_bias=1.0)
-    assert torch.allclose(divergences, reference, rtol=1e-4)
-    assert torch.equal(choice.long(), reference.argmax(dim=0)) and torch.equal(subject, choice == 0)
+def test_rows_wider_than_one_block_and_one_block_rows_agree(forced, monkeypatch):
+    """The channel loop (a small CHANNEL_BLOCK: 5120 channels in 20 blocks), the rows (a larger ROW_BLOCK)."""
+    base, hidden, up_t = make_factored(2, 19, 5120, 10.0, 3e-2, torch.float16, False, rank=16)
+    results = {}
+    for channel_block, row_block in ((256, 16), (4096, 16), (1024, 32)):
+        monkeypatch.setattr(fused_gate, "CHANNEL_BLOCK", channel_block)
+        monkeypatch.setattr(fused_gate, "ROW_BLOCK", row_block)
+        results[channel_block, row_block] = fused_gate.gate_factored(base, hidden, up_t, "kl")
+    first = results[256, 16]
+    for out, choice, divergences in results.values():
+        assert torch.equal(choice, first[1])
+        assert torch.allclose(divergences, first[2], rtol=1e-5, atol=0)
+        assert torch.equal(out, first[0])  # every block adds the same rounded D: the same output
+    check_against_references("kl", base, materialised(hidden, up_t), first[2], first[1], (1.0, 1.0), 19)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_materialised_gate_equals_the_eager_reference_and_adds_the_chosen_delta(dtype, forced):
+    base, hidden, up_t = make_factored(2, 19, 640, 30.0, 3e-2, DTYPES[dtype], True, rank=16, count=3)
+    deltas = materialised(hidden, up_t)
+    for criterion in CRITERIA:
+        assert fused_gate.supports(base, deltas, -1, criterion)
+        forced.clear()
+        weights = (1.0, 0.9, 1.1)
+        out, choice, divergences = fused_gate.gate(base, deltas, criterion, weights)
+        assert forced == ["plora_parts", "plora_add"]
+        check_against_references(criterion, base, deltas, divergences, choice, weights, 19)
+        chosen = deltas[choice.long(), torch.arange(2)]
+        assert torch.equal(out, (base.float() + chosen.float()).to(base.dtype)), criterion
 
 
 def test_strided_slices_of_a_fused_layer_read_in_place(forced):
     """Flux's qkv rows: F and the deltas narrowed to a slice of channels (row stride > C) need no copy."""
-    base, deltas = make_layer(2, 10, 960, 10.0, 1e-2, "fp32", False)
+    base, hidden, up_t = make_factored(2, 10, 960, 10.0, 1e-2, torch.float32, False, rank=16)
+    deltas = materialised(hidden, up_t)
     piece, piece_deltas = base.narrow(-1, 320, 320), deltas.narrow(-1, 320, 320)
     assert fused_gate.supports(piece, piece_deltas, -1, "kl")
-    out, subject, divergences = fused_gate.gate(piece, piece_deltas, "kl")
+    out, choice, divergences = fused_gate.gate(piece, piece_deltas, "kl")
     reference = torch.stack(divergence.kl_of_shifts(piece.contiguous(), tuple(piece_deltas.contiguous()), -1))
-    assert torch.allclose(divergences, reference, rtol=1e-4)
-    assert torch.equal(out, gate_module.add_selected(piece, piece_deltas[0], piece_deltas[1], subject))
+    assert torch.allclose(divergences, reference, rtol=1e-5)
+    assert torch.equal(out, (piece.float() + piece_deltas[choice.long(), torch.arange(2)].float()))
+    # the factored form on a slice of F: its up_t slice made contiguous (a tiny tensor), F read in place
+    up_piece = up_t.narrow(-1, 320, 320).contiguous()
+    assert fused_gate.supports_factored(piece, hidden, up_piece, "kl")
+    out_f, choice_f, divergences_f = fused_gate.gate_factored(piece, hidden, up_piece, "kl")
+    assert torch.equal(choice_f, choice) and torch.allclose(divergences_f, divergences, rtol=1e-5)
+
+
+def test_launches_declare_their_bytes_and_flops(monkeypatch):
+    """On meta (nothing runs): two launches, the parts kernel 2 RP per element, delta and pass over D."""
+    calls = []
+    monkeypatch.setattr(fused_gate, "launch", lambda name, kernel, grid, reads, writes, *args, flops=0.0, **meta:
+                        calls.append((name, grid, reads, writes, flops)))
+    meta = dict(device="meta", dtype=torch.float16)
+    base, hidden = torch.empty(2, 100, 640, **meta), torch.empty(2, 100, 128, **meta)
+    up_t = torch.empty(2, 64, 640, **meta)
+    for criterion, passes in (("kl", 2), ("js", 3), ("cosine", 1), ("dot", 1)):
+        calls.clear()
+        out, choice, divergences = fused_gate.gate_factored(base, hidden, up_t, criterion)
+        assert [c[0] for c in calls] == ["plora_parts", "plora_add"]
+        assert calls[0][1] == calls[1][1] == (2, math.ceil(100 / fused_gate.ROW_BLOCK))
+        assert calls[0][4] == 2 * 64 * base.numel() * 2 * passes and calls[1][4] == 2 * 64 * base.numel()
+        assert calls[1][3] == (out, choice, divergences) and calls[0][3][0].shape == (2, 2, calls[0][1][1])
+        assert out.shape == base.shape and choice.shape == (2,) and divergences.shape == (2, 2)
+    calls.clear()
+    fused_gate.gate(base, torch.empty(2, 2, 100, 640, **meta), "kl")
+    assert [c[4] for c in calls] == [0.0, 0.0]
+
+
+class OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_torch_op_but_allocations_and_views(monkeypatch):
+    monkeypatch.setattr(fused_gate, "launch", lambda *args, **kwargs: None)
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    base, hidden = torch.empty(2, 33, 320, **meta), torch.empty(2, 33, 96, **meta)
+    up_t = torch.empty(3, 32, 320, **meta)
+    recorder = OpRecorder()
+    with recorder:
+        fused_gate.gate_factored(base, hidden, up_t, "js", (1.0, 2.0, 0.5))
+        fused_gate.gate(base, torch.empty(3, 2, 33, 320, **meta), "kl", (1.0, 2.0, 0.5))
+    assert recorder.ops and set(recorder.ops) <= {"empty", "slice", "select"}, recorder.ops
+
+
+def test_what_the_factored_path_refuses():
+    base = torch.empty(2, 8, 320, dtype=torch.float16)
+    up_t = torch.empty(2, 32, 320, dtype=torch.float16)
+    hidden = torch.empty(2, 8, 64, dtype=torch.float16)
+    assert fused_gate.supports_factored(base, hidden, up_t, "kl")
+    assert not fused_gate.supports_factored(base, hidden, up_t, "l2")
+    assert not fused_gate.supports_factored(base, torch.empty(2, 8, 48, dtype=torch.float16),
+                                            torch.empty(2, 24, 320, dtype=torch.float16), "kl")  # rank 24
+    assert not fused_gate.supports_factored(base, torch.empty(2, 8, 16, dtype=torch.float16),
+                                            torch.empty(2, 8, 320, dtype=torch.float16), "kl")  # rank 8 < 16
+    assert not fused_gate.supports_factored(base, hidden.float(), up_t, "kl")
+    assert not fused_gate.supports_factored(base, hidden, up_t.transpose(1, 2).contiguous().transpose(1, 2), "kl")
+    assert not fused_gate.supports_factored(base, hidden[:, :4], up_t, "kl")
+    assert not fused_gate.supports_factored(base.transpose(1, 2).contiguous().transpose(1, 2), hidden, up_t, "kl")
+    assert not fused_gate.supports_factored(base, torch.empty(2, 8, 9 * 16, dtype=torch.float16),
+                                            torch.empty(9, 16, 320, dtype=torch.float16), "kl")  # N > 8
+    with pytest.raises(ValueError, match="3 weights for 2 deltas"):
+        fused_gate.gate_factored(base.to("meta"), hidden.to("meta"), up_t.to("meta"), "kl", (1.0, 1.0, 1.0))
 
 
 def _linear_delta(out_features, in_features, rank, seed, scale=0.5):
@@ -208,17 +354,29 @@ def _gated_layer(criterion="kl", static_input=False, ranks=(8, 4)):
     return layer, state, gate, gate.bind(layer.forward)
 
 
+def new_api_rule(monkeypatch):
+    """A local adapter until LayerGate calls the new API: the rule's fused_gate through `fused_gate.gate`
+    with weights (1, style_bias), the subject mask from the choice index."""
+    def fused(self, layer, base, deltas, channel_dim):
+        if not fused_gate.supports(base, deltas, channel_dim, self.criterion):
+            return None
+        out, choice, _ = fused_gate.gate(base, deltas, self.criterion, (1.0, self.style_bias))
+        return out, choice == 0
+    monkeypatch.setattr(DivergenceRule, "fused_gate", fused)
+
+
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_layer_gate_takes_the_fused_path_and_gives_the_eager_result(criterion, forced, monkeypatch):
+    new_api_rule(monkeypatch)
     layer, state, gate, gated = _gated_layer(criterion)
     x = torch.randn(2, 21, 96) * 3
     with torch.no_grad():
         fused_out = gated(x)
         fused_mask = state.recorder.decisions[(0, gate.layer)]
-        assert forced == ["plora_parts", "plora_finish", "plora_add"]
+        assert forced == ["plora_parts", "plora_add"]
         monkeypatch.setattr(fused_gate, "FORCE", False)
         eager_out = gated(x)
-    assert len(forced) == 3, "the eager path launches nothing"
+    assert len(forced) == 2, "the eager path launches nothing"
     assert torch.equal(state.recorder.decisions[(0, gate.layer)], fused_mask)
     assert torch.allclose(fused_out, eager_out, atol=1e-6)
     # the stacked deltas (one down GEMM, ranks 8 and 4 padded) are each LoRA's own up(down(x))
