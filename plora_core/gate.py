@@ -245,7 +245,7 @@ class LayerGate:
         self.row_slices = tuple(row_slices)
         self.static_input = static_input
         self._static: dict = {}  # (generation, input key) -> (output, [(name, choice)])
-        self._fused: dict = {}  # (device, dtype) -> whether the rule's fused kernels can take this layer
+        self._rule_fuses = self.channel_dim == -1 and hasattr(self.rule, "fused")  # channels last, a fusable rule
         self._slice_factors: dict = {}  # (slice, device, dtype) -> up^T columns of the slice, contiguous
 
     def forward(self, original: Callable, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -305,12 +305,7 @@ class LayerGate:
             return self._choose(name, base.detach(), tuple(d.detach() for d in deltas))
 
     def _fusable(self, base: torch.Tensor) -> bool:
-        key = (base.device, base.dtype)
-        known = self._fused.get(key)
-        if known is None:
-            known = self._fused[key] = (self.channel_dim == -1 and hasattr(self.rule, "fused")
-                                        and fused_gate.fused_available(base))
-        return known
+        return self._rule_fuses and fused_gate.fused_available(base)
 
     def _gated_fused(self, base, x):
         """Eq. 9-13 in the kernels of `fused_gate`: the deltas formed there from x's down-projection where

@@ -73,16 +73,16 @@ class SelectionRecorder:
 
     def _index(self, value: torch.Tensor, members) -> torch.Tensor:
         """Set indices (float; BOTH_INDEX, NaN) of one record."""
-        value = value.cpu()
         if members is None:
             return torch.where(value, 0.0, 1.0) if value.dtype == torch.bool else _static_index(value)
-        return torch.tensor(members, dtype=torch.float32)[value.long()]
+        return torch.tensor(members, dtype=torch.float32, device=value.device)[value.long()]
 
     def _mask(self, value: torch.Tensor, members) -> torch.Tensor:
         if members is None:
             return value
-        subject = torch.tensor([self.roles[m] == SUBJECT if m < len(self.roles) else False for m in members])
-        return subject[value.cpu().long()]
+        subject = torch.tensor([self.roles[m] == SUBJECT if m < len(self.roles) else False for m in members],
+                               device=value.device)
+        return subject[value.long()]
 
     def _view(self, name: str, source: dict, convert) -> dict:
         if name not in self._views:

@@ -354,26 +354,14 @@ def _gated_layer(criterion="kl", static_input=False, ranks=(8, 4)):
     return layer, state, gate, gate.bind(layer.forward)
 
 
-def new_api_rule(monkeypatch):
-    """A local adapter until LayerGate calls the new API: the rule's fused_gate through `fused_gate.gate`
-    with weights (1, style_bias), the subject mask from the choice index."""
-    def fused(self, layer, base, deltas, channel_dim):
-        if not fused_gate.supports(base, deltas, channel_dim, self.criterion):
-            return None
-        out, choice, _ = fused_gate.gate(base, deltas, self.criterion, (1.0, self.style_bias))
-        return out, choice == 0
-    monkeypatch.setattr(DivergenceRule, "fused_gate", fused)
-
-
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_layer_gate_takes_the_fused_path_and_gives_the_eager_result(criterion, forced, monkeypatch):
-    new_api_rule(monkeypatch)
     layer, state, gate, gated = _gated_layer(criterion)
     x = torch.randn(2, 21, 96) * 3
     with torch.no_grad():
         fused_out = gated(x)
         fused_mask = state.recorder.decisions[(0, gate.layer)]
-        assert forced == ["plora_parts", "plora_add"]
+        assert forced == ["plora_parts", "plora_add"], "plain LoRAs: the deltas formed in the kernels"
         monkeypatch.setattr(fused_gate, "FORCE", False)
         eager_out = gated(x)
     assert len(forced) == 2, "the eager path launches nothing"
@@ -382,6 +370,32 @@ def test_layer_gate_takes_the_fused_path_and_gives_the_eager_result(criterion, f
     # the stacked deltas (one down GEMM, ranks 8 and 4 padded) are each LoRA's own up(down(x))
     deltas = gate.deltas(x)
     assert torch.allclose(deltas[0], gate.subject(x), atol=1e-6) and torch.allclose(deltas[1], gate.style(x), atol=1e-6)
+
+
+def test_layer_gate_over_three_loras_and_a_non_plain_delta_take_the_fused_paths(forced, monkeypatch):
+    """N = 3 with weights through LayerGate: the fused choice and output are the eager ones, for plain deltas
+    (factored kernels) and for a delta with a bias diff (the stacked deltas read by the kernels)."""
+    torch.manual_seed(1)
+    layer = torch.nn.Linear(96, 320)
+    x = torch.randn(3, 17, 96) * 3
+    with_bias = _linear_delta(320, 96, 4, 5)
+    with_bias.bias = torch.randn(320) * 0.05
+    for deltas, launches in (([_linear_delta(320, 96, r, 3 + r) for r in (8, 4, 16)], ["plora_parts", "plora_add"]),
+                             ([_linear_delta(320, 96, 8, 1), with_bias, _linear_delta(320, 96, 2, 7)],
+                              ["plora_parts", "plora_add"])):
+        forced.clear()
+        monkeypatch.setattr(fused_gate, "FORCE", True)
+        rule = DivergenceRule("kl", weights=(1.0, 1.3, 0.8))
+        fused_state, eager_state = GateState(), GateState()
+        fused_gate_layer = LayerGate("blk.proj", state=fused_state, rule=rule, deltas=deltas)
+        eager_gate_layer = LayerGate("blk.proj", state=eager_state, rule=rule, deltas=deltas)
+        with torch.no_grad():
+            fused_out = fused_gate_layer.forward(layer.forward, x)
+            assert forced == launches
+            monkeypatch.setattr(fused_gate, "FORCE", False)
+            eager_out = eager_gate_layer.forward(layer.forward, x)
+        assert torch.equal(fused_state.recorder.choices[(0, "blk.proj")], eager_state.recorder.choices[(0, "blk.proj")])
+        assert torch.allclose(fused_out, eager_out, atol=1e-5)
 
 
 def test_under_autograd_the_eager_path_runs(forced):
