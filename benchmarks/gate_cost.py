@@ -207,7 +207,7 @@ def max_loras() -> int:
 def make_gate(shape: LayerShape, loras: int, rank: int = RANK, seed: int = 0):
     """A LayerGate over `loras` random low-rank deltas of a Linear of this shape (x on `device`).
 
-    A context-fed shape gets `static_input=True` (as nodes/gate.py gives cross-attention k/v) where the
+    A context-fed shape gets `static_input=True` (as glue/gate.py gives cross-attention k/v) where the
     gate has it; its state then takes every input as the one seen before (the comparison that decides
     this runs once per model call, not per layer).
     """
@@ -264,7 +264,10 @@ def phases(log: CostLog):
     gate, deltas = import_core()
     fused = fused_module()
     wrapped = [(deltas.LayerDelta, "__call__", "deltas"), (getattr(deltas, "DeltaStack", None), "__call__", "deltas"),
-               (gate.DivergenceRule, "__call__", "divergence"), (gate, "choose_subject", "choose+add"),
+               (getattr(deltas, "DeltaStack", None), "factors_for_kernels", "deltas"),
+               (gate.DivergenceRule, "__call__", "divergence"), (gate.DivergenceRule, "choose", "divergence"),
+               (gate, "choose_subject", "choose+add"), (gate, "weighted_choice", "choose+add"),
+               (gate, "add_chosen", "choose+add"),
                (fused, "shift_parts", "divergence"), (fused, "finish", "divergence"),
                (fused, "token_partials", "divergence"), (fused, "add_chosen", "choose+add"),
                (fused, "choose_and_add", "choose+add")]

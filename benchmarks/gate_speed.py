@@ -210,8 +210,8 @@ def main() -> None:
         args.dtype or ("fp16" if torch.cuda.is_available() else "fp32")]
     model = build_unet("cuda" if torch.cuda.is_available() else "cpu", dtype)
 
-    from plora_pack.nodes.gate import LoraChoice, SubjectStyleLoras, build_gated_model, gated_layers
-    from plora_pack.nodes.lora_mapping import map_lora_onto_model
+    from plora_pack.glue.gate import LoraChoice, SubjectStyleLoras, build_gated_model, gated_layers
+    from plora_pack.glue.lora_mapping import map_lora_onto_model
     from plora_pack.plora_core.lora_file import read_lora_file
 
     with tempfile.TemporaryDirectory() as folder:

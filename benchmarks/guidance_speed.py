@@ -98,7 +98,7 @@ def main() -> None:
     model = build_unet(device.type, dtype)
     vae, taesd = build_vaes()
     clip, dino = build_encoders(device, dtype)
-    from plora_pack.nodes.guidance_sampler import PosteriorMetricGuidanceSampler
+    from plora_pack.nodes.guidance_sampler_node import PosteriorMetricGuidanceSampler
 
     generator = torch.Generator().manual_seed(0)
     positive = [[torch.randn(1, 77, 768, generator=generator), {}]]

@@ -170,7 +170,7 @@ class DivergenceRule:
     """The paper's rule, Eq. 11-13: the LoRA whose output distribution moved most from F wins.
 
     `criterion` is kl (the paper) or another of Table 4. `weights[m]` multiplies the divergence of
-    the set's LoRA m (None: (1, style_bias), the paper's pair with its style bias; 1 = paper).
+    the set's LoRA m (None: the paper's pair, (1, style_bias), and 1 for any further LoRA).
     """
 
     criterion: str = "kl"
@@ -179,8 +179,9 @@ class DivergenceRule:
     step_independent = True  # the same tensors give the same decision at every step
 
     def weights_of(self, members: tuple[int, ...]) -> tuple[float, ...]:
-        weights = self.weights if self.weights is not None else (1.0, float(self.style_bias))
-        return tuple(float(weights[m]) for m in members)
+        if self.weights is not None:
+            return tuple(float(self.weights[m]) for m in members)
+        return tuple(float(self.style_bias) if m == 1 else 1.0 for m in members)
 
     def choose(self, layer, base, deltas, channel_dim, members=PAIR):
         device = base.device
