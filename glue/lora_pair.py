@@ -15,7 +15,7 @@ import torch
 from ..plora_core.deltas import DensePart, LayerDelta, LayerGeometry, LayerMismatch, LowRankPart, normalise_factors
 from ..plora_core.gate import RowSlice
 from ..plora_core.lora_file import LoraFile
-from ..plora_core.lora_info import families_compatible, lora_family
+from ..plora_core.lora_info import UNKNOWN, alternatives, families_compatible, lora_family
 from ..plora_core.recorder import STYLE, SUBJECT
 from . import host
 from .lora_mapping import MappedLora, ModulePatches
@@ -51,6 +51,14 @@ class LoraSet:
     """
 
     loras: tuple[LoraChoice, ...]
+
+    def __post_init__(self):
+        if len(self.loras) < 2:
+            names = ", ".join(c.name for c in self.loras) or "none"
+            raise ValueError(f"A P-LoRA set needs two or more LoRAs to fuse, got {len(self.loras)} ({names}). Start it "
+                             "with Load Subject + Style LoRA; for one LoRA alone use ComfyUI's Load LoRA node.")
+        for choice in self.loras:
+            check_role(choice.role, choice.name)
 
     @classmethod
     def pair(cls, subject: LoraChoice, style: LoraChoice) -> "LoraSet":
@@ -89,7 +97,7 @@ class LoraSet:
         new_family = lora_family(choice.file.tensors, choice.file.metadata)
         for member in self.loras:
             family = lora_family(member.file.tensors, member.file.metadata)
-            if not (families_compatible(new_family, family) or families_compatible(family, new_family)):
+            if UNKNOWN not in (new_family, family) and not set(alternatives(new_family)) & set(alternatives(family)):
                 raise ValueError(f"LoRA {choice.name} is a {new_family} LoRA but the set's {member.name} is a {family} "
                                  f"LoRA: all LoRAs of a set must be made for one model. Pick a {family} LoRA.")
         if len(self.loras) >= MAX_LORAS:

@@ -77,6 +77,28 @@ def tiny_flux(seed: int = 0):
     return _patcher(model)
 
 
+SDXL_TINY_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+                  "legacy": False, "num_classes": "sequential", "adm_in_channels": 32 + 6 * 256, "in_channels": 4,
+                  "model_channels": 32, "num_res_blocks": [1, 1], "transformer_depth": [0, 1], "channel_mult": [1, 2],
+                  "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 32,
+                  "num_head_channels": 16, "transformer_depth_output": [0, 0, 1, 1], "use_temporal_attention": False,
+                  "use_temporal_resblock": False}  # SDXL's layout (linear proj_in, ADM of pooled + 6 size embeddings)
+
+
+def tiny_sdxl(seed: int = 0):
+    """A reduced SDXL UNet built by ComfyUI itself (its SDXL model class), random weights."""
+    import comfy.supported_models
+
+    model = comfy.supported_models.SDXL(dict(SDXL_TINY_UNET)).get_model({})
+    _randomise(model, seed)
+    return _patcher(model)
+
+
+def sdxl_conditioning(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, 77, 32, generator=generator), {"pooled_output": torch.randn(1, 32, generator=generator)}]]
+
+
 def sd15_conditioning(batch: int = 1, seed: int = 0, context_dim: int = 32):
     generator = torch.Generator().manual_seed(seed)
     return [[torch.randn(batch, 77, context_dim, generator=generator), {}]]
