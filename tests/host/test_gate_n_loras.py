@@ -11,7 +11,7 @@ import comfy.sd
 import comfy.utils
 import pytest
 import torch
-from support.host_support import (attention_paths, flux_conditioning, module_shapes, sample, sdxl_conditioning,
+from support.host_support import (attention_paths, module_shapes, sample, sdxl_conditioning,
                                   tiny_flux, tiny_sd15, tiny_sdxl, write_kohya_lora)
 from test_flux import ai_toolkit_lora, flux_sample
 
