@@ -28,12 +28,14 @@ class PLoRASelectionMap:
 
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("selection_map",)
-    OUTPUT_TOOLTIPS = ("Columns = steps, rows = gated layers; orange = subject LoRA passed on, blue = style LoRA.",)
+    OUTPUT_TOOLTIPS = ("Columns = steps, rows = gated layers; one colour per LoRA of the set (orange = subject, blue = "
+                       "style, then green, red... for added LoRAs), with a legend naming the files.",)
     FUNCTION = "draw"
     CATEGORY = "P-LoRA"
     DESCRIPTION = (
         "Shows which LoRA the KL gate passed on at each gated layer and step of the last sampling run "
-        "(orange = subject, blue = style, grey = not gated, e.g. outside the step window)."
+        "(orange = subject, blue = style, green, red... = LoRAs added with Add LoRA to Set, grey = not gated, "
+        "e.g. outside the step window); the legend under the map names each colour's file."
     )
 
     def draw(self, model, samples, image_index, cfg_pass, cell_size):
