@@ -9,17 +9,19 @@ in range, COMBO values among the choices) run before the node, from INPUT_TYPES 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from ..plora_core.guidance import SAMPLER_UNITS, UNITS, VP_UNITS
 from ..plora_core.image_preprocess import to_nchw
-from ..plora_core.scores import embed_references
+from ..plora_core.scores import embed_more_references, embed_references
 from .encoders import ENCODER_TYPE
 from .guidance import EXACT, FAST, GuidanceSettings
+from .references import REFERENCES_TYPE
 
 
 def guidance_inputs(zero_scale: str) -> tuple[dict, dict]:
-    """(required, optional) inputs after the model/sampler ones, in the saved workflows' widget order."""
+    """(required, optional) inputs after the model/sampler ones, in the saved workflows' widget order (new
+    inputs go last: saved links name input slots by position)."""
     required = {
         "vae": ("VAE", {"tooltip": "The checkpoint's VAE: decodes the predicted clean image for scoring (unless a guidance_decoder is connected)."}),
         "subject_reference": ("IMAGE", {"tooltip": "Reference image(s) of the subject, e.g. rendered by the subject LoRA alone with the subject prompt (Eq. 14). One image serves the whole batch."}),
@@ -39,6 +41,7 @@ def guidance_inputs(zero_scale: str) -> tuple[dict, dict]:
         "guidance_decoder": ("VAE", {"tooltip": "Optional cheap decoder for guidance only, e.g. TAESD (Load VAE -> taesd / taesdxl / taef1). The final image still uses your VAE."}),
         "guidance_decode_size": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": "Decode the predicted image for scoring at most this many pixels on its shorter side (the encoders see 224 px). 0 = full resolution, as the paper; 256 makes guidance with the full VAE several times cheaper at 1024 px."}),
         "guidance_units": (list(UNITS), {"default": SAMPLER_UNITS, "advanced": True, "tooltip": f"Units of guidance_scale. {SAMPLER_UNITS}: the latent moves by -m * grad_x R in the sampler's own x (the paper's Euler sampler; no conversion). {VP_UNITS}: Eq. 20 read in DDIM's variance-preserving coordinates, i.e. scaled by sqrt(1 + sigma_next^2) * sqrt(1 + sigma^2) for eps/v models (about 200x stronger at SDXL's first step; no change for flow models). For comparison."}),
+        "more_references": (REFERENCES_TYPE, {"tooltip": "References of the LoRAs added with Add LoRA to Set (P-LoRA Reference nodes): one image per added LoRA, rendered by it alone with its own prompt. The score of Eq. 19 is then taken over every reference, subjects' in the content term and styles' in the style terms."}),
     }
     return required, optional
 
@@ -79,6 +82,7 @@ class GuidanceWidgets:
     guidance_decoder: object | None = None
     guidance_decode_size: int = 0
     guidance_units: str = SAMPLER_UNITS
+    more_references: object | None = None  # ReferenceImages (glue/references.py)
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -110,6 +114,9 @@ class GuidanceWidgets:
         dino = self.dino_encoder if self.dino_style_weight > 0 else None
         refs = embed_references(self.clip_encoder, dino, to_nchw(self.subject_reference),
                                 to_nchw(self.style_reference))
+        if self.more_references is not None and self.more_references.entries:
+            more = [(role, weight, to_nchw(image)) for role, weight, image in self.more_references.entries]
+            refs = replace(refs, more=embed_more_references(self.clip_encoder, dino, more))
         return GuidanceSettings(decoder_vae, self.clip_encoder, dino, refs, self.weights, self.guidance_scale,
                                 self.gradient_mode, self.guidance_start, self.guidance_end, self.guide_every,
                                 latent_side(decoder_vae, self.guidance_decode_size), self.guidance_units)

@@ -17,6 +17,7 @@ from .guidance_model_node import PLoRAMetricGuidance
 from .guidance_sampler_node import PosteriorMetricGuidanceSampler
 from .load_pair_node import LoadSubjectStyleLoRA
 from .patcher_node import PLoRAModelPatcher
+from .reference_node import PLoRAReference
 from .score_node import PLoRAScore
 from .selection_map_node import PLoRASelectionMap
 
@@ -32,6 +33,7 @@ NODE_CLASS_MAPPINGS = {
     "PLoRASelectionMap": PLoRASelectionMap,
     "PLoRAComparisonGrid": PLoRAComparisonGrid,
     "PLoRAScore": PLoRAScore,
+    "PLoRAReference": PLoRAReference,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -46,6 +48,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "PLoRASelectionMap": "P-LoRA Selection Map",
     "PLoRAComparisonGrid": "P-LoRA Comparison Grid",
     "PLoRAScore": "P-LoRA Score (Style Sim, CLIP, DINO)",
+    "PLoRAReference": "P-LoRA Reference",
 }
 
 

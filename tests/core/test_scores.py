@@ -146,8 +146,10 @@ def test_extended_residual_matches_the_formula_written_out_with_three_references
     refs = ReferenceEmbeddings(setup["refs"].clip_subject, setup["refs"].clip_style, setup["refs"].dino_style, more)
     content, clip_style, dino_style = hand_terms(setup)
     with torch.no_grad():
-        gen = F.normalize(setup["clip_model"].encode_image(preprocess(setup["x0"], 32, OPENAI_MEAN, OPENAI_STD)), dim=-1)
-        ref2 = F.normalize(setup["clip_model"].encode_image(preprocess(second_subject, 32, OPENAI_MEAN, OPENAI_STD)), dim=-1)
+        def embed(images):
+            pixels = preprocess(images, 32, OPENAI_MEAN, OPENAI_STD)
+            return F.normalize(setup["clip_model"].encode_image(pixels), dim=-1)
+        gen, ref2 = embed(setup["x0"]), embed(second_subject)
         content2 = (gen * ref2[0]).sum(-1)
         w1, w2, w3 = 2.0, 1.0, 0.5
         expected = 1 - (w1 * (content + 0.5 * content2) + w2 * clip_style + w3 * dino_style) / (w1 * 1.5 + w2 + w3)

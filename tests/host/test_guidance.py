@@ -244,3 +244,68 @@ def test_guidance_decode_size_decodes_a_smaller_image(pack, encoders, references
     assert not torch.allclose(full["samples"], small["samples"])
     assert pack.glue.guidance_widgets.latent_side(vae, 16) == 2
     assert pack.glue.guidance_widgets.latent_side(vae, 0) is None
+
+
+# ---------------------------------------------------------------- N LoRAs: a reference per LoRA
+
+def three_references(pack, references, third_weight):
+    """The pair's references and a third (a second style) through P-LoRA Reference, at `third_weight`."""
+    generator = torch.Generator().manual_seed(11)
+    third = torch.rand(1, 28, 28, 3, generator=generator)
+    (more,) = pack.nodes.PLoRAReference().add(third, "style", third_weight)
+    return more, third
+
+
+def extended_score(pack, vae, encoders, references, more, latent):
+    """The extended R of Eq. 19 (plora_core/scores.py) on the decoded final latent."""
+    from dataclasses import replace
+
+    from plora_pack.plora_core.image_preprocess import to_nchw
+    from plora_pack.plora_core.scores import embed_more_references, embed_references, metric_residual
+
+    clip, dino = encoders
+    refs = embed_references(clip, dino, to_nchw(references[0]), to_nchw(references[1]))
+    refs = replace(refs, more=embed_more_references(clip, dino, [(r, w, to_nchw(i)) for r, w, i in more.entries]))
+    with torch.no_grad():
+        images = (vae.first_stage_model.decode(latent["samples"]) + 1) / 2
+        return metric_residual(images, clip, dino, refs)[0]
+
+
+def test_guidance_with_three_references_lowers_the_extended_score(pack, encoders, references):
+    model, vae = tiny_sd15(), tiny_vae()
+    more, _ = three_references(pack, references, 1.0)
+    plain = run(pack, model, vae, encoders, references, m=0.0)[0]
+    guided, log = run(pack, model, vae, encoders, references, m=GUIDANCE_M, more_references=more)
+    r_plain = extended_score(pack, vae, encoders, references, more, plain)
+    r_guided = extended_score(pack, vae, encoders, references, more, guided)
+    assert (r_guided < r_plain).all(), (r_plain, r_guided)
+    two_only = run(pack, model, vae, encoders, references, m=GUIDANCE_M)[0]
+    assert not torch.allclose(guided["samples"], two_only["samples"]), "the third reference changes the guidance"
+
+
+def test_a_third_reference_at_weight_zero_is_two_reference_guidance(pack, encoders, references):
+    model, vae = tiny_sd15(), tiny_vae()
+    more, _ = three_references(pack, references, 0.0)
+    with_zero = run(pack, model, vae, encoders, references, m=GUIDANCE_M, more_references=more)[0]
+    two = run(pack, model, vae, encoders, references, m=GUIDANCE_M)[0]
+    assert torch.allclose(with_zero["samples"], two["samples"], atol=1e-5)
+
+
+def test_of_several_extra_references_those_at_weight_zero_drop_out(pack, encoders, references):
+    """Four references (the pair's, a third style, a fourth subject at weight 0): the same guidance as the
+    pair's and the third alone; the zero-weight reference is not even embedded."""
+    model, vae = tiny_sd15(), tiny_vae()
+    more, _ = three_references(pack, references, 1.0)
+    (four,) = pack.nodes.PLoRAReference().add(torch.rand(1, 20, 20, 3), "subject", 0.0, more)
+    assert [role for role, _, _ in four.entries] == ["style", "subject"]
+    with_four = run(pack, model, vae, encoders, references, m=GUIDANCE_M, more_references=four)[0]
+    with_three = run(pack, model, vae, encoders, references, m=GUIDANCE_M, more_references=more)[0]
+    assert torch.allclose(with_four["samples"], with_three["samples"], atol=1e-5)
+
+
+def test_a_reference_with_another_role_is_refused(pack, references):
+    with pytest.raises(ValueError, match="role"):
+        pack.nodes.PLoRAReference().add(references[0], "lighting", 1.0)
+    from plora_pack.glue.references import ReferenceImages
+    with pytest.raises(ValueError, match="subject or style"):  # past the node's input check, the value's own
+        ReferenceImages().with_reference(references[0], "lighting", 1.0)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-CHECKED = ("IMAGE", "LATENT", "STRING", "COMBO", "INT", "FLOAT", "PLORA_PAIR", "PLORA_ENCODER")
+CHECKED = ("IMAGE", "LATENT", "STRING", "COMBO", "INT", "FLOAT", "PLORA_PAIR", "PLORA_ENCODER", "PLORA_REFERENCES")
 
 
 class Untouchable:
@@ -33,12 +33,14 @@ def checked_inputs(pack):
 @pytest.fixture
 def good_values(pack, encoders):
     from plora_pack.glue.lora_pair import LoraChoice, LoraSet
+    from plora_pack.glue.references import ReferenceImages
     from plora_pack.plora_core.lora_file import LoraFile
 
     lora = LoraFile("unused.safetensors", {}, {})
     return {"IMAGE": torch.rand(1, 8, 8, 3), "LATENT": {"samples": torch.zeros(1, 4, 8, 8)}, "STRING": "text",
             "PLORA_ENCODER": encoders[0],
-            "PLORA_PAIR": LoraSet.pair(LoraChoice(lora, 1.0), LoraChoice(lora, 1.0))}
+            "PLORA_PAIR": LoraSet.pair(LoraChoice(lora, 1.0), LoraChoice(lora, 1.0)),
+            "PLORA_REFERENCES": ReferenceImages()}
 
 
 def valid_arguments(node_class, specs, good_values) -> dict:
@@ -86,6 +88,7 @@ BAD_VALUES = {
               "a bool": True, "None": None},
     "PLORA_PAIR": {"a dict": {"subject": "a"}, "a string": "pair", "None": None},
     "PLORA_ENCODER": {"a dict": {}, "a string": "ViT-B-32", "a tensor": torch.zeros(3), "None": None},
+    "PLORA_REFERENCES": {"an IMAGE": torch.rand(1, 8, 8, 3), "a list": [("style", 1.0)], "None": None},
 }
 
 
