@@ -254,8 +254,11 @@ def _lora_list(entry: dict, at: str) -> tuple[dict, tuple[AddedLora, ...]]:
         bias = _number(lora, "bias", where, 1.0)
         if bias < 0:
             raise SpecError(f"{where}: 'bias' must be 0 or more (1 = as the paper weighs its subject), not {bias}.")
-        parsed.append((file, role, _number(lora, "strength", where, 1.0), bias, prompt,
-                       _number(lora, "reference_weight", where, 1.0), where))
+        weight = _number(lora, "reference_weight", where, 1.0)
+        if not 0 <= weight <= 10:
+            raise SpecError(f"{where}: 'reference_weight' must be 0 to 10 (P-LoRA Reference's weight; 1 = as much as "
+                            f"the pair's references), not {weight}.")
+        parsed.append((file, role, _number(lora, "strength", where, 1.0), bias, prompt, weight, where))
     roles = [p[1] for p in parsed]
     if "subject" not in roles or "style" not in roles:
         missing = "subject" if "subject" not in roles else "style"
