@@ -8,6 +8,12 @@ F + D_s materialised, KL by its definition in float32 via log_softmax), installe
 the pack installs its own, so only the divergence and selection maths differ. Prints
 seconds per step and the ratios gate/base, gate/direct and gate/straightforward.
 
+`--loras 2,3,4` measures sets of N LoRAs in one run (N rank-64 LoRAs on the same layers, the set
+built as the nodes build it: Load Subject + Style LoRA's pair, then Add LoRA to Set with roles
+alternating subject, style): for each N the base (timed once), all N merged directly and the gate
+choosing among N, with gate/base and gate/direct. The straightforward variant compares a pair, so
+it runs for N = 2 only.
+
 Only sampling steps are timed (sampler callback timestamps, the first step left out:
 it includes loading and patching the model), interleaved over the repeats (the fastest
 run of each variant counts). On Linux, freed memory is kept by the process (glibc
@@ -18,6 +24,7 @@ depending only on what was allocated before (the per-step page faults are printe
 
     python benchmarks/gate_speed.py                 # 64x64 latent (512x512), CUDA if present
     python benchmarks/gate_speed.py --latent 32     # 256x256, quicker on a CPU
+    python benchmarks/gate_speed.py --loras 2,3,4   # sets of 2, 3 and 4 LoRAs side by side
 """
 
 from __future__ import annotations
@@ -157,7 +164,10 @@ def seconds_per_step(model_patcher, steps: int, latent: int) -> tuple[float, flo
 
 
 class InstalledGate:
-    """Runs a variant whose gated layers decide with `gate_deltas` (the pack's own LayerGate when None)."""
+    """Runs a variant whose gated layers decide with `gate_deltas` (the pack's own LayerGate when None).
+
+    The replacement takes the eager path's place (`LayerGate._gated`: materialised deltas in, output and
+    per-sample choices out) and turns the fused kernels off, so it is measured on every device."""
 
     def __init__(self, gate_deltas=None):
         from plora_pack.plora_core.gate import LayerGate
@@ -166,17 +176,40 @@ class InstalledGate:
         self.replacement = gate_deltas
 
     def __enter__(self):
-        self.original = self.layer_gate._gate
-        replacement = self.replacement
+        self.original = (self.layer_gate._gated, self.layer_gate._fusable)
+        replacement, eager = self.replacement, self.original[0]
         if replacement is not None:
-            def _gate(gate, name, base, deltas):
-                subject_delta, style_delta = deltas[0], deltas[1]
-                return replacement(base, subject_delta, style_delta, gate.rule.criterion, gate.rule.style_bias,
-                                   gate.channel_dim)
-            self.layer_gate._gate = _gate
+            def _gated(gate, base, deltas, choose):
+                if gate.row_slices or len(deltas) != 2:  # a pair on whole layers (SD1.5 has no fused ones)
+                    return eager(gate, base, deltas, choose)
+                out, subject = replacement(base, deltas[0], deltas[1], gate.rule.criterion, gate.rule.style_bias,
+                                           gate.channel_dim)
+                return out, [(gate.layer, (~subject).long())]  # the LoRA index: 0 subject, 1 style
+            self.layer_gate._gated = _gated
+            self.layer_gate._fusable = lambda gate, base: False
 
     def __exit__(self, *exc):
-        self.layer_gate._gate = self.original
+        self.layer_gate._gated, self.layer_gate._fusable = self.original
+
+
+def lora_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts or any(n < 2 or n > 8 for n in counts):
+        raise argparse.ArgumentTypeError(f"--loras {text!r}: a comma list of set sizes from 2 to 8, e.g. 2,3,4")
+    return list(dict.fromkeys(counts))
+
+
+def lora_set(files: list):
+    """The set as the nodes build it: the pair (Load Subject + Style LoRA), then one Add LoRA to Set per file."""
+    from plora_pack.glue.lora_pair import LoraChoice, LoraSet
+
+    loras = LoraSet.pair(LoraChoice(files[0], 1.0), LoraChoice(files[1], 1.0))
+    for index, file in enumerate(files[2:]):
+        loras = loras.with_lora(LoraChoice(file, 1.0, ("subject", "style")[index % 2], 1.0))
+    return loras
 
 
 def main() -> None:
@@ -193,6 +226,8 @@ def main() -> None:
     parser.add_argument("--flush-denormal", action="store_true", help="flush denormal floats to zero on the CPU")
     parser.add_argument("--skip", action="append", default=[], metavar="VARIANT",
                         help="leave a variant out, e.g. --skip straightforward")
+    parser.add_argument("--loras", type=lora_counts, default=[2], metavar="N[,N...]",
+                        help="set sizes to measure, e.g. 2,3,4 (default 2: the paper's pair)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -210,46 +245,60 @@ def main() -> None:
         args.dtype or ("fp16" if torch.cuda.is_available() else "fp32")]
     model = build_unet("cuda" if torch.cuda.is_available() else "cpu", dtype)
 
-    from plora_pack.glue.gate import LoraChoice, SubjectStyleLoras, build_gated_model, gated_layers
+    from plora_pack.glue.gate import build_gated_model, gated_layers
     from plora_pack.glue.lora_mapping import map_lora_onto_model
     from plora_pack.plora_core.lora_file import read_lora_file
 
     with tempfile.TemporaryDirectory() as folder:
-        files = [Path(folder) / "subject.safetensors", Path(folder) / "style.safetensors"]
+        names = ["subject", "style", *(f"lora{k}" for k in range(3, max(args.loras) + 1))]
+        files = [Path(folder) / f"{name}.safetensors" for name in names]
         for seed, file in enumerate(files):
             write_lora(model, file, args.rank, seed)
         loras = [read_lora_file(str(f)) for f in files]
-        direct = model.clone()
-        for lora in loras:
-            direct.add_patches(map_lora_onto_model(model, lora).raw_patches, 1.0)
-        gated = build_gated_model(model, SubjectStyleLoras(LoraChoice(loras[0], 1.0), LoraChoice(loras[1], 1.0)))
-        gated_count = len(gated_layers(gated))
-        variants = [("base", model, None), ("direct merge", direct, None), ("P-LoRA gate", gated, None),
-                    ("straightforward", gated, straightforward_gate_deltas)]
+        variants, gated_count = [("base", None, model, None)], {}
+        for count in args.loras:
+            direct = model.clone()
+            for lora in loras[:count]:
+                direct.add_patches(map_lora_onto_model(model, lora).raw_patches, 1.0)
+            gated = build_gated_model(model, lora_set(loras[:count]))
+            gated_count[count] = len(gated_layers(gated))
+            variants += [("direct merge", count, direct, None), ("P-LoRA gate", count, gated, None)]
+            if count == 2:
+                variants.append(("straightforward", count, gated, straightforward_gate_deltas))
         variants = [v for v in variants if not any(word in v[0] for word in args.skip)]
-        times = {name: float("inf") for name, *_ in variants}
-        faults = {name: 0.0 for name, *_ in variants}
+        times = {(name, count): float("inf") for name, count, *_ in variants}
+        faults = {(name, count): 0.0 for name, count, *_ in variants}
         for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every variant
-            for name, patcher, gate_deltas in variants:
+            for name, count, patcher, gate_deltas in variants:
                 with InstalledGate(gate_deltas):
                     seconds, step_faults = seconds_per_step(patcher, args.steps, args.latent)
-                if seconds < times[name]:
-                    times[name], faults[name] = seconds, step_faults
+                if seconds < times[(name, count)]:
+                    times[(name, count)], faults[(name, count)] = seconds, step_faults
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     logger.info("SD1.5-shaped UNet, latent %dx%d (%dx%d px), batch 1 + CFG, rank-%d LoRAs, %d gated layers, %s, %s, "
-                "allocator %s%s", args.latent, args.latent, 8 * args.latent, 8 * args.latent, args.rank, gated_count,
-                dtype, device, "keeps freed memory" if kept else "default",
+                "allocator %s%s", args.latent, args.latent, 8 * args.latent, 8 * args.latent, args.rank,
+                gated_count[args.loras[0]], dtype, device, "keeps freed memory" if kept else "default",
                 ", denormals flushed" if args.flush_denormal else "")
-    for name, seconds in times.items():
-        logger.info("  %-16s %8.3f s/step  %9.0f page faults/step", name, seconds, faults[name])
-    gate = times.get("P-LoRA gate")
+    for count in args.loras:
+        report(times, faults, count, gated_count[count] if len(args.loras) > 1 else None)
+
+
+def report(times: dict, faults: dict, count: int, gated: int | None) -> None:
+    """One set size's lines (for a single size, without its heading: the output of the pair-only benchmark)."""
+    if gated is not None:
+        logger.info("%d LoRAs (%d gated layers):", count, gated)
+    rows = {name: times[(name, n)] for name, n in times if n in (None, count)}
+    for name, seconds in rows.items():
+        logger.info("  %-16s %8.3f s/step  %9.0f page faults/step", name, seconds,
+                    faults[(name, None if name == "base" else count)])
+    gate = rows.get("P-LoRA gate")
     for other in ("base", "direct merge", "straightforward"):
-        if gate is not None and other in times:
-            logger.info("ratio gate/%s per step: %.3f%s", other.split()[0], gate / times[other],
+        if gate is not None and other in rows:
+            logger.info("ratio gate/%s per step: %.3f%s", other.split()[0], gate / rows[other],
                         " (target <= 1.25)" if other == "direct merge" else "")
-    if "base" in times and "direct merge" in times:
-        logger.info("ratio direct/base per step: %.3f", times["direct merge"] / times["base"])
+    if "base" in rows and "direct merge" in rows:
+        logger.info("ratio direct/base per step: %.3f", rows["direct merge"] / rows["base"])
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@
         --out eval_results
 
 `pairs.json` names the checkpoint, the encoders and the subject/style LoRA pairs with their
-prompts (see docs/evaluation.md). For every pair and seed the script renders the two
-references (each LoRA alone with its own prompt, Eq. 14-15) and one image per method, scores
+prompts (see docs/evaluation.md); an entry may also list N LoRAs (`"loras": [...]`: its first
+subject and first style are the pair, the rest are added with Add LoRA to Set nodes). For every
+pair and seed the script renders the references (each LoRA alone with its own prompt,
+Eq. 14-15; a set's further LoRAs reach the guidance through P-LoRA Reference nodes) and one
+image per method (k-lora and b-lora take only a pair: skipped for larger sets, noted), scores
 every image with the P-LoRA Score node (Style Sim, CLIP Score, DINO Score) and writes, in --out:
 
     table1.md, table1.csv   mean and standard deviation per method and metric (the paper's Table 1)
@@ -75,11 +78,32 @@ HEARTBEAT = 5.0  # seconds without an event before the server is asked over HTTP
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+ROLES = ("subject", "style")
+MAX_LORAS = 8      # glue/lora_pair.py MAX_LORAS: the LoRAs one gate chooses among
+PAIR_ONLY = ("k-lora", "b-lora")  # the patcher refuses them for sets larger than the pair
+
+
 class SpecError(ValueError):
     """The pairs file cannot be used; the message names the entry and what to write."""
 
 
 # ---------------------------------------------------------------------------- the pairs file
+
+
+@dataclass(frozen=True)
+class AddedLora:
+    """A LoRA of a set beyond its subject/style pair (an Add LoRA to Set node), with its reference prompt."""
+
+    file: str
+    role: str
+    strength: float
+    bias: float
+    prompt: str
+    reference_weight: float   # P-LoRA Reference's weight of its reference in the guidance score
+
+    def key(self, position: int) -> str:
+        """Its reference's name in jobs and files: lora3, lora4, ... (its place in the set, from 1)."""
+        return f"lora{position + 3}"
 
 
 @dataclass(frozen=True)
@@ -97,10 +121,25 @@ class Pair:
     sampler: dict
     patcher: dict
     guidance: dict
+    added: tuple[AddedLora, ...] = ()   # the set's LoRAs past the pair, in set order
+
+    @property
+    def size(self) -> int:
+        return 2 + len(self.added)
+
+    def files(self) -> list[str]:
+        return [self.subject_lora, self.style_lora, *(lora.file for lora in self.added)]
+
+    def reference_roles(self) -> list[str]:
+        """The references of one seed: subject, style, then lora3, lora4, ... for the added LoRAs."""
+        return ["subject", "style", *(lora.key(i) for i, lora in enumerate(self.added))]
 
     def render_fields(self) -> dict:
-        return {k: getattr(self, k) for k in ("subject_lora", "style_lora", "subject_strength", "style_strength",
-                                              "prompt", "subject_prompt", "style_prompt")}
+        fields = {k: getattr(self, k) for k in ("subject_lora", "style_lora", "subject_strength", "style_strength",
+                                                "prompt", "subject_prompt", "style_prompt")}
+        if self.added:  # a pair's key stays as it was, so its earlier results are still reused
+            fields["added"] = [vars(lora) for lora in self.added]
+        return fields
 
 
 @dataclass(frozen=True)
@@ -176,6 +215,69 @@ def _methods(value, where: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(n.strip() for n in names))
 
 
+LIST_FORM = ('"loras": [{"file": "dog.safetensors", "role": "subject", "prompt": "a photo of sks dog"}, '
+             '{"file": "watercolour.safetensors", "role": "style", "prompt": "a garden, wtrclr style"}, '
+             '{"file": "cat.safetensors", "role": "subject", "strength": 1.0, "bias": 1.0, "prompt": "a photo of '
+             'a cat"}]')
+
+
+def _lora_list(entry: dict, at: str) -> tuple[dict, tuple[AddedLora, ...]]:
+    """A `loras` list: (the pair's fields as the subject/style form names them, the LoRAs added to it)."""
+    loras = entry["loras"]
+    mixed = [k for k in ("subject_lora", "style_lora", "subject_strength", "style_strength", "subject_prompt",
+                         "style_prompt") if k in entry]
+    if mixed:
+        raise SpecError(f"{at}: give the LoRAs either as 'loras' or as subject_lora/style_lora, not both "
+                        f"(remove {', '.join(mixed)}; each LoRA of the list has its own strength and prompt).")
+    if not isinstance(loras, list) or len(loras) < 2:
+        count = len(loras) if isinstance(loras, list) else "no"
+        raise SpecError(f"{at}: 'loras' lists {count} LoRA(s); a set needs at least a subject and a style, e.g. "
+                        f"{LIST_FORM}.")
+    if len(loras) > MAX_LORAS:
+        raise SpecError(f"{at}: 'loras' lists {len(loras)} LoRAs; the gate chooses among at most {MAX_LORAS}. "
+                        "Leave some out.")
+    parsed, seen = [], {}
+    for index, lora in enumerate(loras):
+        where = f"{at} loras[{index}]"
+        if not isinstance(lora, dict):
+            raise SpecError(f'{where}: each LoRA is an object, e.g. {{"file": "dog.safetensors", "role": "subject", '
+                            '"prompt": "a photo of sks dog"}.')
+        file, prompt = _text(lora, "file", where), _text(lora, "prompt", where)
+        role = lora.get("role")
+        if role not in ROLES:
+            raise SpecError(f"{where}: 'role' must be \"subject\" (who or what you render) or \"style\" (how it "
+                            f"looks: a medium, a look, lighting), not {role!r}.")
+        if file in seen:
+            raise SpecError(f"{where}: {file} is already loras[{seen[file]}]; each LoRA can be in a set once "
+                            "(change that entry's strength instead).")
+        seen[file] = index
+        bias = _number(lora, "bias", where, 1.0)
+        if bias < 0:
+            raise SpecError(f"{where}: 'bias' must be 0 or more (1 = as the paper weighs its subject), not {bias}.")
+        weight = _number(lora, "reference_weight", where, 1.0)
+        if not 0 <= weight <= 10:
+            raise SpecError(f"{where}: 'reference_weight' must be 0 to 10 (P-LoRA Reference's weight; 1 = as much as "
+                            f"the pair's references), not {weight}.")
+        parsed.append((file, role, _number(lora, "strength", where, 1.0), bias, prompt, weight, where))
+    roles = [p[1] for p in parsed]
+    if "subject" not in roles or "style" not in roles:
+        missing = "subject" if "subject" not in roles else "style"
+        raise SpecError(f"{at}: 'loras' has no {missing} LoRA; a set needs at least one subject and one style "
+                        f"(the first of each is the subject/style pair). Give one LoRA \"role\": \"{missing}\".")
+    subject = next(p for p in parsed if p[1] == "subject")
+    style = next(p for p in parsed if p[1] == "style")
+    for member in (subject, style):
+        if member[3] != 1.0 or member[5] != 1.0:
+            raise SpecError(f"{member[6]}: the first {member[1]} LoRA is the pair's {member[1]} (Load Subject + "
+                            "Style LoRA), which takes no 'bias' or 'reference_weight'; remove them (the patcher's "
+                            "style_bias weighs styles), or list another LoRA first.")
+    pair = {"subject_lora": subject[0], "style_lora": style[0], "subject_strength": subject[2],
+            "style_strength": style[2], "subject_prompt": subject[4], "style_prompt": style[4]}
+    added = tuple(AddedLora(file, role, strength, bias, prompt, weight)
+                  for file, role, strength, bias, prompt, weight, _ in parsed if file not in (subject[0], style[0]))
+    return pair, added
+
+
 def load_spec(path: Path, seeds=None, methods=None, sheet_size: int = 256) -> Spec:
     """The pairs file (JSON) with the command line's --seeds/--methods applied; SpecError on a bad entry."""
     try:
@@ -195,13 +297,17 @@ def load_spec(path: Path, seeds=None, methods=None, sheet_size: int = 256) -> Sp
         name = entry.get("name", f"pair{index + 1:02d}")
         if not isinstance(name, str) or not NAME.match(name):
             raise SpecError(f"{at}: 'name' {name!r} must be letters, digits, '.', '_' or '-' (it names files).")
+        added: tuple[AddedLora, ...] = ()
+        if "loras" in entry:
+            fields, added = _lora_list(entry, at)
+            entry = {**entry, **fields}
         pairs.append(Pair(
             name, _text(entry, "subject_lora", at), _text(entry, "style_lora", at),
             _number(entry, "subject_strength", at, 1.0), _number(entry, "style_strength", at, 1.0),
             _text(entry, "prompt", at), _text(entry, "subject_prompt", at), _text(entry, "style_prompt", at),
             _image(entry, "subject_image", at, path.parent), _image(entry, "style_image", at, path.parent),
             _sampler({**defaults["sampler"], **_table(entry, "sampler", at)}, at),
-            *({**defaults[part], **_table(entry, part, at)} for part in ("patcher", "guidance"))))
+            *({**defaults[part], **_table(entry, part, at)} for part in ("patcher", "guidance")), added))
     names = [p.name for p in pairs]
     if len(set(names)) != len(names):
         raise SpecError(f"{path}: pair names must be unique, got {names}.")
@@ -279,7 +385,7 @@ def reference_job(spec: Spec, pair: Pair, seed: int, out: Path) -> Job:
     key = digest({"kind": "refs", "checkpoint": spec.checkpoint, "pair": pair.render_fields(),
                   "sampler": pair.sampler, "seed": seed})
     return Job("refs", pair, seed, None, key, folder / f"seed{seed}.json",
-               outputs={"subject": folder / f"seed{seed}_subject.png", "style": folder / f"seed{seed}_style.png"})
+               outputs={role: folder / f"seed{seed}_{role}.png" for role in pair.reference_roles()})
 
 
 def render_job(spec: Spec, pair: Pair, seed: int, method: str, refs: Job | None, out: Path) -> Job:
@@ -335,8 +441,10 @@ def references_graph(spec: Spec, job: Job, uploads: dict, caps: dict) -> tuple[G
     """Eq. 14-15: each LoRA alone (LoraLoader) with its own prompt, same seed and sampler as the methods."""
     g, pair, outputs = Graph(), job.pair, {}
     ckpt, latent = _checkpoint(g, spec, pair)
-    for role, lora, strength, text in (("subject", pair.subject_lora, pair.subject_strength, pair.subject_prompt),
-                                       ("style", pair.style_lora, pair.style_strength, pair.style_prompt)):
+    alone = [("subject", pair.subject_lora, pair.subject_strength, pair.subject_prompt),
+             ("style", pair.style_lora, pair.style_strength, pair.style_prompt),
+             *((lora.key(i), lora.file, lora.strength, lora.prompt) for i, lora in enumerate(pair.added))]
+    for role, lora, strength, text in alone:
         loaded = g.add("LoraLoader", model=g.link(ckpt, 0), clip=g.link(ckpt, 1), lora_name=lora,
                        strength_model=strength, strength_clip=strength)
         positive = g.add("CLIPTextEncode", text=text, clip=g.link(loaded, 1))
@@ -349,19 +457,25 @@ def references_graph(spec: Spec, job: Job, uploads: dict, caps: dict) -> tuple[G
 
 
 def render_graph(spec: Spec, job: Job, uploads: dict, caps: dict) -> tuple[Graph, dict]:
-    """One method: the fused model (PLoRAModelPatcher, or two LoraLoaders for a direct merge on a server
-    whose patcher has no `method` input), then KSampler or the metric guidance sampler."""
+    """One method: the fused model (PLoRAModelPatcher on the set: Load Subject + Style LoRA, then an Add LoRA
+    to Set per further LoRA; or chained LoraLoaders for a direct merge on a server whose patcher has no
+    `method` input), then KSampler or the metric guidance sampler (a set's further references through
+    P-LoRA Reference nodes into `more_references`)."""
     g, pair, method = Graph(), job.pair, METHODS[job.method]
     ckpt, latent = _checkpoint(g, spec, pair)
     if caps["patcher_methods"] is None and method.patcher_method == "direct":
-        first = g.add("LoraLoader", model=g.link(ckpt, 0), clip=g.link(ckpt, 1), lora_name=pair.subject_lora,
-                      strength_model=pair.subject_strength, strength_clip=pair.subject_strength)
-        fused = g.add("LoraLoader", model=g.link(first, 0), clip=g.link(first, 1), lora_name=pair.style_lora,
-                      strength_model=pair.style_strength, strength_clip=pair.style_strength)
+        fused = ckpt
+        for lora, strength in ((pair.subject_lora, pair.subject_strength), (pair.style_lora, pair.style_strength),
+                               *((lora.file, lora.strength) for lora in pair.added)):
+            fused = g.add("LoraLoader", model=g.link(fused, 0), clip=g.link(fused, 1), lora_name=lora,
+                          strength_model=strength, strength_clip=strength)
         model, clip = g.link(fused, 0), g.link(fused, 1)
     else:
         loras = g.add("LoadSubjectStyleLoRA", subject_lora=pair.subject_lora, subject_strength=pair.subject_strength,
                       style_lora=pair.style_lora, style_strength=pair.style_strength, clip=g.link(ckpt, 1))
+        for lora in pair.added:
+            loras = g.add("AddLoRAToSet", lora_set=g.link(loras), lora=lora.file, role=lora.role,
+                          strength=lora.strength, bias=lora.bias, clip=g.link(loras, 1))
         options = dict(pair.patcher)
         if caps["patcher_methods"] is not None:
             options["method"] = method.patcher_method
@@ -374,9 +488,15 @@ def render_graph(spec: Spec, job: Job, uploads: dict, caps: dict) -> tuple[Graph
         subject = g.add("LoadImage", image=uploads["subject"])
         style = g.add("LoadImage", image=uploads["style"])
         clip_encoder, dino_encoder = _encoders(g, spec)
+        more = {}
+        for position, lora in enumerate(pair.added):
+            image = g.add("LoadImage", image=uploads[lora.key(position)])
+            more = {"references": g.link(g.add("PLoRAReference", image=g.link(image), role=lora.role,
+                                               weight=lora.reference_weight, **more))}
         sampled = g.add("PosteriorMetricGuidanceSampler", **inputs, vae=g.link(ckpt, 2),
                         subject_reference=g.link(subject), style_reference=g.link(style),
-                        clip_encoder=g.link(clip_encoder), dino_encoder=g.link(dino_encoder), **pair.guidance)
+                        clip_encoder=g.link(clip_encoder), dino_encoder=g.link(dino_encoder), **pair.guidance,
+                        **({"more_references": more["references"]} if more else {}))
     else:
         sampled = g.add("KSampler", **inputs)
     decoded = g.add("VAEDecode", samples=g.link(sampled), vae=g.link(ckpt, 2))
@@ -418,6 +538,7 @@ NODES_FOR = {"render": ("PosteriorMetricGuidanceSampler",),
              "sheet": ("ImageScale", "ImageBatch", "EmptyImage", "PLoRAComparisonGrid")}
 
 
+
 # ---------------------------------------------------------------------------- one server
 
 
@@ -457,8 +578,7 @@ class Server:
         method_spec = {**patcher.get("required", {}), **patcher.get("optional", {})}.get("method")
         self.caps = {"patcher_methods": combo_options(method_spec) if method_spec else None}
         wanted = [("CheckpointLoaderSimple", "ckpt_name", [self.spec.checkpoint]),
-                  ("LoraLoader", "lora_name", sorted({lora for p in self.spec.pairs
-                                                       for lora in (p.subject_lora, p.style_lora)})),
+                  ("LoraLoader", "lora_name", sorted({lora for p in self.spec.pairs for lora in p.files()})),
                   ("LoadPLoRACLIPEncoder", "checkpoint", [self.spec.clip_checkpoint]),
                   ("LoadPLoRACLIPEncoder", "architecture", [self.spec.clip_architecture]),
                   ("LoadPLoRADINOEncoder", "model_folder", [self.spec.dino])]
@@ -479,6 +599,14 @@ class Server:
         needed = [] if plain_render else [n for n in NODES_FOR.get(job.kind, ()) if n not in self.object_info]
         if needed:
             return f"{self.url} lacks {', '.join(needed)}"
+        if job.kind == "render" and job.pair.added:
+            method = METHODS[job.method]
+            merged = self.caps["patcher_methods"] is None and method.patcher_method == "direct"  # LoraLoaders
+            wanted = ([] if merged else ["AddLoRAToSet"]) + (["PLoRAReference"] if method.guided else [])
+            needed = [n for n in wanted if n not in self.object_info]
+            if needed:
+                return (f"{self.url} lacks {', '.join(needed)}, needed for a set of {job.pair.size} LoRAs; "
+                        "update the P-LoRA pack there")
         if job.kind == "render" and job.method in ("k-lora", "b-lora"):
             methods = self.caps["patcher_methods"]
             if methods is None or job.method not in methods:
@@ -713,14 +841,15 @@ def plan_sheet(spec: Spec, pair: Pair, refs: dict, renders: dict, scores: dict, 
     """A contact sheet job: per seed, the references then each method, labelled with the image's scores."""
     cells, labels, inputs = [], [], {}
     given = {"subject": pair.subject_image, "style": pair.style_image}
+    skipped = {m for m, names in skipped_methods(spec).items() if pair.name in names}
     for seed in spec.seeds:
         ref = refs.get(seed)
-        row = [(role if given[role] else f"{role}.{seed}",
-                f"{role} image" if given[role] else f"{role} ref, seed {seed}",
-                given[role] or (ref.outputs[role] if ref else None)) for role in ("subject", "style")]
+        row = [(role if given.get(role) else f"{role}.{seed}",
+                f"{role} image" if given.get(role) else f"{role} ref, seed {seed}",
+                given.get(role) or (ref.outputs[role] if ref else None)) for role in pair.reference_roles()]
         for method in spec.methods:
             render, score = renders.get((seed, method)), scores.get((seed, method))
-            text = "failed" if render is None else (
+            text = ("skipped (pair only)" if method in skipped else "failed") if render is None else (
                 " ".join(f"{label[0]}{score[m] * 100:.0f}" for m, label in METRICS.items()) if score else "not scored")
             row.append((f"{method}.{seed}", f"{method}: {text}", render.outputs["image"] if render else None))
         for cell, label, path in row:
@@ -730,10 +859,17 @@ def plan_sheet(spec: Spec, pair: Pair, refs: dict, renders: dict, scores: dict, 
                 inputs[cell] = path
     width = spec.sheet_size
     height = max(8, round(width * pair.sampler["height"] / pair.sampler["width"]))
-    extra = {"cells": cells, "labels": labels, "columns": 2 + len(spec.methods), "width": width, "height": height}
+    extra = {"cells": cells, "labels": labels, "columns": pair.size + len(spec.methods), "width": width,
+             "height": height}
     key = digest({"kind": "sheet", "extra": extra, "images": {k: file_sha(p) for k, p in inputs.items()}})
     return Job("sheet", pair, None, None, key, out / "sheets" / f"{pair.name}.json",
                outputs={"sheet": out / "sheets" / f"{pair.name}.png"}, inputs=inputs, extra=extra)
+
+
+def skipped_methods(spec: Spec) -> dict[str, list[str]]:
+    """method -> the entries it is not run for: k-lora and b-lora for sets of more than two LoRAs."""
+    skipped = {m: [p.name for p in spec.pairs if p.added] for m in spec.methods if m in PAIR_ONLY}
+    return {m: names for m, names in skipped.items() if names}
 
 
 def run_phase(pool: Pool, phase: str, jobs: list[Job]) -> tuple[list[Job], dict[Job, str]]:
@@ -745,7 +881,7 @@ def run_phase(pool: Pool, phase: str, jobs: list[Job]) -> tuple[list[Job], dict[
     return [job for job in jobs if job not in failures and read_record(job) is not None], failures
 
 
-def write_tables(spec: Spec, rows: list[dict], out: Path) -> str:
+def write_tables(spec: Spec, rows: list[dict], out: Path, skipped: dict[str, list[str]] | None = None) -> str:
     """scores.csv (every image), table1.csv and table1.md (mean and standard deviation per method, percent)."""
     with open(out / "scores.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -776,6 +912,9 @@ def write_tables(spec: Spec, rows: list[dict], out: Path) -> str:
             f"{len(spec.seeds)} seed(s); {spec.checkpoint}, {sampler['width']}x{sampler['height']}, "
             f"{sampler['steps']} steps {sampler['sampler_name']}/{sampler['scheduler']}, cfg {sampler['cfg']}; "
             f"CLIP {spec.clip_architecture} ({spec.clip_checkpoint}), DINO {spec.dino}.")
+    for method, names in (skipped or {}).items():
+        note += (f" {METHODS[method].label}: not run for {', '.join(names)} (more than two LoRAs; it takes only a "
+                 "subject/style pair).")
     table = "\n".join(lines)
     (out / "table1.md").write_text(f"{table}\n\n{note}\n", encoding="utf-8")
     return table
@@ -849,10 +988,17 @@ def run(spec: Spec, pool: Pool, out: Path, sheets: bool) -> dict[Job, str]:
     done, failures = run_phase(pool, "references", list(ref_jobs.values()))
     refs = {(job.pair.name, job.seed): job for job in done}
 
+    skipped = skipped_methods(spec)
+    for method, names in skipped.items():
+        logger.info("Note: %s is skipped for %s: it takes only a subject/style pair, and %s more than two LoRAs "
+                    "(not an error).", method, ", ".join(names), "this entry has" if len(names) == 1 else
+                    "these entries have")
     render_jobs = []
     for pair in spec.pairs:
         for seed in spec.seeds:
             for method in spec.methods:
+                if pair.name in skipped.get(method, ()):
+                    continue
                 ref = refs.get((pair.name, seed))
                 if METHODS[method].guided and ref is None:
                     continue  # its references failed (reported above)
@@ -871,7 +1017,7 @@ def run(spec: Spec, pool: Pool, out: Path, sheets: bool) -> dict[Job, str]:
     rows = [{"pair": job.pair.name, "method": job.method, "seed": job.seed, **read_record(job)["scores"]}
             for job in done]
     rows.sort(key=lambda r: (r["pair"], spec.methods.index(r["method"]), r["seed"]))
-    table = write_tables(spec, rows, out)
+    table = write_tables(spec, rows, out, skipped)
     logger.info("Table 1 (%s):\n%s", out / "table1.md", table)
 
     if sheets:

@@ -11,7 +11,18 @@ format with the server's own /object_info and queued on /prompt. While it runs, 
 progress (node, step/total, ETA) is shown from its websocket; when it ends, every image it
 saved is listed (outputs, and the references and selection map it previewed into temp/), or
 the failing node's error is printed in one paragraph. `--set input=value` overrides any widget
-of every node that has it (e.g. --set cfg=5).
+of every node that has it (e.g. --set cfg=5); `--node-set ID.input=value` one node's widget.
+
+Sets of N LoRAs (workflows/plora_three_loras.json): `--added-lora FILE`, repeated, replaces the
+LoRA of each Add LoRA to Set node in node order (the first --added-lora the first such node);
+its placeholder is replaced wherever else the workflow names it (that LoRA's reference branch).
+`--added-prompt TEXT`, repeated, sets the prompt of the text nodes titled "Added prompt 1",
+"Added prompt 2", ... (each added LoRA's reference prompt). E.g.
+
+    python scripts/run_workflow.py workflows/plora_three_loras.json --checkpoint v1-5.safetensors \\
+        --subject-lora dog.safetensors --style-lora watercolour.safetensors \\
+        --added-lora golden_hour.safetensors --added-prompt "a garden at golden hour" \\
+        --node-set 25.role=style --clip-checkpoint ViT-B-32.pt --dino dino-vits16
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 import uuid
@@ -41,6 +53,8 @@ PLACEHOLDER_OPTIONS = {
 PROMPT_ROLES = {"prompt": "Positive", "negative": "Negative", "subject_prompt": "Subject prompt",
                 "style_prompt": "Style prompt"}
 SHORTCUTS = ("width", "height", "steps")
+ADDED_PROMPT = re.compile(r"^Added prompt (\d+)")  # the title of an added LoRA's reference prompt
+ADD_LORA = "AddLoRAToSet"
 ERROR_CHARS = 1500
 
 
@@ -71,10 +85,52 @@ def text_roles(workflow: dict) -> dict[str, str]:
     return roles
 
 
+def added_prompt_nodes(workflow: dict) -> dict[int, str]:
+    """k -> the API node id of the text node titled "Added prompt k"."""
+    found = {}
+    for node in workflow["nodes"]:
+        match = ADDED_PROMPT.match(node.get("title") or "")
+        if match:
+            found[int(match.group(1))] = str(node["id"])
+    return found
+
+
+def replace_added_loras(prompt: dict, files: list[str], replacements: dict) -> dict:
+    """Put `files` into the Add LoRA to Set nodes, in node order; returns the replacements with each of those
+    nodes' placeholders mapped to its file (so that LoRA's reference branch gets it too)."""
+    nodes = sorted((node_id for node_id, node in prompt.items() if node["class_type"] == ADD_LORA), key=int)
+    if len(files) > len(nodes):
+        raise ValueError(f"{len(files)} --added-lora given, but the workflow has {len(nodes)} Add LoRA to Set "
+                         f"node(s){' (' + ', '.join(nodes) + ')' if nodes else ''}; give one per node, in node order")
+    replacements = dict(replacements)
+    placeholders = [prompt[node_id]["inputs"].get("lora") for node_id in nodes]
+    for node_id, placeholder, file in zip(nodes, placeholders, files):
+        prompt[node_id]["inputs"]["lora"] = file
+        if isinstance(placeholder, str) and placeholders.count(placeholder) == 1:
+            replacements.setdefault(placeholder, file)
+    return replacements
+
+
+def parse_node_sets(items: list[str]) -> dict[str, dict]:
+    """['25.role=subject', ...] -> {'25': {'role': 'subject'}}; ValueError naming a malformed item."""
+    found: dict[str, dict] = {}
+    for item in items:
+        target, equals, value = item.partition("=")
+        node_id, dot, name = target.partition(".")
+        if not (equals and dot and node_id.strip().isdigit() and name.strip()):
+            raise ValueError(f"--node-set {item!r}: write NODE_ID.input=value, e.g. --node-set 25.role=subject")
+        found.setdefault(node_id.strip(), {})[name.strip()] = parse_value(value)
+    return found
+
+
 def build_prompt(workflow: dict, object_info: dict, replacements: dict, overrides: dict,
-                 texts: dict | None = None) -> dict:
-    """The API-format prompt with file names replaced, widget overrides and per-role texts applied."""
+                 texts: dict | None = None, added_loras: list[str] = (), added_prompts: list[str] = (),
+                 node_sets: dict[str, dict] | None = None) -> dict:
+    """The API-format prompt with file names replaced, widget overrides and per-role texts applied; the Add
+    LoRA to Set nodes' files and the added prompts set in order; per-node overrides last."""
     prompt = ui_to_api(workflow, object_info)
+    if added_loras:
+        replacements = replace_added_loras(prompt, list(added_loras), replacements)
     roles = text_roles(workflow)
     for node_id, node in prompt.items():
         for name, value in list(node["inputs"].items()):
@@ -87,6 +143,19 @@ def build_prompt(workflow: dict, object_info: dict, replacements: dict, override
         role = roles.get(node_id)
         if texts and role in texts and "text" in node["inputs"] and not isinstance(node["inputs"]["text"], list):
             node["inputs"]["text"] = texts[role]
+    slots = added_prompt_nodes(workflow)
+    for number, text in enumerate(added_prompts, start=1):
+        if number not in slots:
+            raise ValueError(f"--added-prompt number {number} given, but no text node is titled 'Added prompt "
+                             f"{number}' (the workflow has {len(slots)})")
+        prompt[slots[number]]["inputs"]["text"] = text
+    for node_id, values in (node_sets or {}).items():
+        if node_id not in prompt:
+            raise ValueError(f"--node-set: the workflow has no node {node_id}")
+        for name, value in values.items():
+            if name not in prompt[node_id]["inputs"] or isinstance(prompt[node_id]["inputs"][name], list):
+                raise ValueError(f"--node-set: node {node_id} ({prompt[node_id]['class_type']}) has no widget {name}")
+            prompt[node_id]["inputs"][name] = value
     return prompt
 
 
@@ -223,6 +292,12 @@ def parse_args(argv=None):
         parser.add_argument(f"--{name}", type=int, help=f"set {name} on every node that has it")
     parser.add_argument("--set", action="append", default=[], metavar="INPUT=VALUE",
                         help="override a widget value on every node that has it")
+    parser.add_argument("--node-set", dest="node_set", action="append", default=[], metavar="ID.INPUT=VALUE",
+                        help="override one node's widget value, e.g. --node-set 25.role=subject")
+    parser.add_argument("--added-lora", dest="added_lora", action="append", default=[], metavar="FILE",
+                        help="the LoRA of an Add LoRA to Set node (repeat: one per node, in node order)")
+    parser.add_argument("--added-prompt", dest="added_prompt", action="append", default=[], metavar="TEXT",
+                        help="the reference prompt of an added LoRA (repeat: the text nodes 'Added prompt 1', 2, ...)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="give up waiting after this many seconds (default: wait until the run ends)")
     return parser.parse_args(argv)
@@ -240,7 +315,13 @@ def main(argv=None) -> int:
     workflow = json.loads(args.workflow.read_text())
     labels = node_labels(workflow)
     try:
-        prompt = build_prompt(workflow, request(f"{url}/object_info"), replacements, overrides, texts)
+        node_sets = parse_node_sets(args.node_set)
+    except ValueError as error:
+        logger.error("%s", error)
+        return 2
+    try:
+        prompt = build_prompt(workflow, request(f"{url}/object_info"), replacements, overrides, texts,
+                              args.added_lora, args.added_prompt, node_sets)
     except (KeyError, ValueError) as error:
         logger.error("The workflow does not match this server's nodes: %s", error)
         return 1

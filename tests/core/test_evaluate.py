@@ -73,7 +73,7 @@ def kinds(prompts):
             roles.append("score")
         elif "PLoRAComparisonGrid" in types:
             roles.append("sheet")
-        elif "LoadSubjectStyleLoRA" not in types and types.count("LoraLoader") == 2 and types.count("KSampler") == 2:
+        elif "LoadSubjectStyleLoRA" not in types and types.count("LoraLoader") == types.count("KSampler") >= 2:
             roles.append("refs")
         else:
             patcher = next((n for n in prompt.values() if n["class_type"] == "PLoRAModelPatcher"), None)
@@ -291,3 +291,118 @@ def test_bad_pairs_file_and_missing_files_are_named(tmp_path, servers, capsys):
     log = capsys.readouterr().err
     assert "lora_name 'missing.safetensors' (LoraLoader)" in log and "No usable ComfyUI server" in log
     assert server.prompts == []
+
+
+# ---------------------------------------------------------------------------- sets of N LoRAs
+
+
+THREE = [{"file": "watercolour.safetensors", "role": "style", "strength": 1.1, "prompt": "a garden, watercolour"},
+         {"file": "dog.safetensors", "role": "subject", "strength": 0.9, "prompt": "a photo of a dog"},
+         {"file": "cat.safetensors", "role": "subject", "strength": 0.8, "bias": 1.5, "reference_weight": 0.5,
+          "prompt": "a photo of a cat"}]
+
+
+def write_set(folder: Path, loras=None, **entry) -> Path:
+    """A pairs file with one pair entry and one entry listing `loras` (default: THREE)."""
+    path = write_pairs(folder, seeds=1, pairs=1)
+    data = json.loads(path.read_text())
+    data["pairs"].append({"name": "dog-cat-watercolour", "prompt": "a dog and a cat in watercolour",
+                          "loras": THREE if loras is None else loras, **entry})
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_a_lora_list_makes_the_pair_and_the_added_loras(tmp_path):
+    spec = evaluate.load_spec(write_set(tmp_path))
+    pair, three = spec.pairs
+    assert pair.added == () and pair.size == 2 and pair.reference_roles() == ["subject", "style"]
+    assert "added" not in pair.render_fields()  # a pair's resume keys are unchanged by the list form
+    # the first subject and the first style are the pair, whatever their order in the list; the rest are added
+    assert (three.subject_lora, three.subject_strength, three.subject_prompt) == ("dog.safetensors", 0.9,
+                                                                                   "a photo of a dog")
+    assert (three.style_lora, three.style_strength, three.style_prompt) == ("watercolour.safetensors", 1.1,
+                                                                             "a garden, watercolour")
+    assert three.added == (evaluate.AddedLora("cat.safetensors", "subject", 0.8, 1.5, "a photo of a cat", 0.5),)
+    assert three.size == 3 and three.reference_roles() == ["subject", "style", "lora3"]
+    assert three.files() == ["dog.safetensors", "watercolour.safetensors", "cat.safetensors"]
+    assert three.render_fields()["added"][0]["file"] == "cat.safetensors"
+    # two LoRAs as a list: the same pair as the subject/style form
+    two = evaluate.load_spec(write_set(tmp_path, THREE[:2])).pairs[1]
+    assert two.added == () and two.render_fields() == {**pair.render_fields(), **{
+        k: getattr(two, k) for k in two.render_fields()}}
+
+
+@pytest.mark.parametrize("loras, entry, message", [
+    (THREE[:1], {}, "'loras' lists 1 LoRA(s); a set needs at least a subject and a style, e.g. \"loras\": [{"),
+    ("dog.safetensors", {}, "'loras' lists no LoRA(s)"),
+    ([THREE[0], {**THREE[1], "role": "character"}], {},
+     "loras[1]: 'role' must be \"subject\" (who or what you render) or \"style\""),
+    ([THREE[0], THREE[1], {**THREE[2], "file": "dog.safetensors"}], {},
+     "loras[2]: dog.safetensors is already loras[1]; each LoRA can be in a set once"),
+    ([THREE[1], THREE[2]], {}, "'loras' has no style LoRA; a set needs at least one subject and one style"),
+    ([THREE[0], {**THREE[1], "prompt": ""}], {}, "loras[1]: 'prompt' must be a non-empty string"),
+    ([THREE[0], {**THREE[1], "bias": 2.0}, THREE[2]], {},
+     "loras[1]: the first subject LoRA is the pair's subject (Load Subject + Style LoRA), which takes no 'bias'"),
+    ([THREE[0], THREE[1], {**THREE[2], "bias": -1}], {}, "loras[2]: 'bias' must be 0 or more"),
+    (THREE, {"subject_lora": "dog.safetensors"}, "give the LoRAs either as 'loras' or as subject_lora/style_lora"),
+    (THREE * 3, {}, "'loras' lists 9 LoRAs; the gate chooses among at most 8"),
+])
+def test_a_bad_lora_list_names_the_entry_and_what_to_write(tmp_path, loras, entry, message):
+    with pytest.raises(evaluate.SpecError) as error:
+        evaluate.load_spec(write_set(tmp_path, loras, **entry))
+    assert "pairs[1]" in str(error.value) and message in str(error.value), str(error.value)
+
+
+def test_a_set_of_three_renders_with_add_lora_to_set_and_more_references(tmp_path, servers, capsys):
+    server = servers()
+    out = tmp_path / "results"
+    assert run(write_set(tmp_path), out, [server.url]) == 0  # k-lora and b-lora skipped: a note, not a failure
+    log = capsys.readouterr().err
+    assert ("Note: k-lora is skipped for dog-cat-watercolour: it takes only a subject/style pair, and this entry "
+            "has more than two LoRAs (not an error).") in log, log
+    assert "Note: b-lora is skipped for dog-cat-watercolour" in log
+    sets = [p for p in server.prompts if any(n["class_type"] == "AddLoRAToSet" for n in p.values())]
+    refs = [p for p in server.prompts if kinds([p]) == ["refs"]]
+    assert sorted(len([n for n in p.values() if n["class_type"] == "LoraLoader"]) for p in refs) == [2, 3]
+    three = next(p for p in refs if len(p) > 14)
+    loaded = [(n["inputs"]["lora_name"], n["inputs"]["strength_model"]) for n in three.values()
+              if n["class_type"] == "LoraLoader"]
+    assert loaded == [("dog.safetensors", 0.9), ("watercolour.safetensors", 1.1), ("cat.safetensors", 0.8)]
+    texts = {n["inputs"]["text"] for n in three.values() if n["class_type"] == "CLIPTextEncode"}
+    assert {"a photo of a dog", "a garden, watercolour", "a photo of a cat"} <= texts
+    assert sorted(kinds(sets)) == ["direct", "p-lora", "pfk", "pmk"]  # no k-lora, no b-lora for the set
+    lora3 = (out / "references" / "dog-cat-watercolour" / "seed0_lora3.png").read_bytes()
+    uploads = server.files["input"]
+    for prompt, method in zip(sets, kinds(sets)):
+        nodes = {n["class_type"]: (node_id, n["inputs"]) for node_id, n in prompt.items()}
+        added_id, added = nodes["AddLoRAToSet"]
+        loader_id, _ = nodes["LoadSubjectStyleLoRA"]
+        assert added == {"lora_set": [loader_id, 0], "lora": "cat.safetensors", "role": "subject", "strength": 0.8,
+                         "bias": 1.5, "clip": [loader_id, 1]}
+        patcher = nodes["PLoRAModelPatcher"][1]
+        assert patcher["lora_pair"] == [added_id, 0]
+        assert all(n["inputs"]["clip"] == [added_id, 1] for n in prompt.values() if n["class_type"] == "CLIPTextEncode")
+        if evaluate.METHODS[method].guided:
+            reference_id, reference = nodes["PLoRAReference"]
+            assert reference["role"] == "subject" and reference["weight"] == 0.5 and "references" not in reference
+            assert uploads[prompt[reference["image"][0]]["inputs"]["image"]] == lora3
+            assert nodes["PosteriorMetricGuidanceSampler"][1]["more_references"] == [reference_id, 0]
+        else:
+            assert "PLoRAReference" not in nodes
+    table = {row["method"]: row for row in read_csv(out / "table1.csv")}
+    assert table["k-lora"]["images"] == "1" and table["p-lora"]["images"] == "2"
+    assert "K-LoRA: not run for dog-cat-watercolour (more than two LoRAs" in (out / "table1.md").read_text()
+    grids = [n["inputs"] for p in server.prompts for n in p.values() if n["class_type"] == "PLoRAComparisonGrid"]
+    grid = next(g for g in grids if g["columns"] != 8)
+    labels = grid["labels"].splitlines()
+    assert grid["columns"] == 3 + 6 and labels[2] == "lora3 ref, seed 0" and "k-lora: skipped (pair only)" in labels
+
+
+def test_a_set_is_refused_by_a_server_without_the_set_nodes(tmp_path, servers, capsys):
+    server = servers(info=object_info(lora_sets=False))
+    out = tmp_path / "results"
+    assert run(write_set(tmp_path), out, [server.url], "--methods", "pfk,pmk", "--no-sheets") == 1
+    log = capsys.readouterr().err
+    assert "lacks AddLoRAToSet, needed for a set of 3 LoRAs; update the P-LoRA pack there" in log, log
+    assert "lacks AddLoRAToSet, PLoRAReference, needed for a set of 3 LoRAs" in log
+    assert (out / "images" / "dog-watercolour" / "pmk" / "seed0.png").is_file()  # the pair still runs

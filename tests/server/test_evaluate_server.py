@@ -148,3 +148,29 @@ def test_k_lora_and_b_lora_need_the_patcher_method(server, object_info, tmp_path
     with open(out / "table1.csv", newline="") as handle:
         table = {row["method"]: row for row in csv.DictReader(handle)}
     assert table["direct"]["images"] == "2" and table["b-lora"]["images"] == "0"
+
+
+def test_a_set_of_three_loras_on_a_real_server(server, object_info, tmp_path):
+    """An entry listing three LoRAs: the third through Add LoRA to Set, its reference through P-LoRA Reference."""
+    if "PLoRAReference" not in object_info or "AddLoRAToSet" not in object_info:
+        pytest.skip("this pack has no AddLoRAToSet / PLoRAReference nodes")
+    path = write_pairs(tmp_path, ["pfk", "p-lora", "k-lora"])
+    data = json.loads(path.read_text())
+    data["seeds"] = [3]
+    data["pairs"] = [{"name": "three", "prompt": "sks dog in wtrclr style, a cat",
+                      "loras": [{"file": server_support.SUBJECT_LORA, "role": "subject",
+                                 "prompt": "a photo of sks dog"},
+                                {"file": server_support.STYLE_LORA, "role": "style",
+                                 "prompt": "a garden, wtrclr style"},
+                                {"file": server_support.THIRD_LORA, "role": "subject", "strength": 0.8,
+                                 "prompt": "a photo of a cat"}]}]
+    path.write_text(json.dumps(data))
+    out = tmp_path / "results"
+    result = evaluate(server, path, out)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Note: k-lora is skipped for three" in result.stderr
+    assert (out / "references" / "three" / "seed3_lora3.png").is_file()
+    with open(out / "table1.csv", newline="") as handle:
+        table = {row["method"]: row for row in csv.DictReader(handle)}
+    assert (table["pfk"]["images"], table["p-lora"]["images"], table["k-lora"]["images"]) == ("1", "1", "0")
+    assert (out / "sheets" / "three.png").is_file()

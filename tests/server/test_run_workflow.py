@@ -63,3 +63,24 @@ def test_a_refused_workflow_names_the_node_and_input(server):
     lines = result.stderr.strip().splitlines()
     assert len(lines) < 40 and "refused the workflow before running it" in result.stderr
     assert any("node 17" in line and "guidance_scale" in line for line in lines), lines
+
+
+def test_the_three_lora_workflow_takes_the_added_lora_and_its_prompt(server):
+    result = run_script(server, "plora_three_loras.json", *FILES, *SMALL, "--added-lora", server_support.THIRD_LORA,
+                        "--added-prompt", "just the third LoRA", "--node-set", "25.role=subject")
+    log = result.stderr
+    assert result.returncode == 0, log[-3000:]
+    previews = [line for line in log.splitlines() if line.startswith("preview: temp/")]
+    assert len(previews) == 4, log  # three references and the selection map
+    prompt_id = re.search(r"queued plora_three_loras.json as (\S+)", log).group(1)
+    sent = server.get(f"/history/{prompt_id}")[prompt_id]["prompt"][2]
+    assert sent["25"]["inputs"]["lora"] == server_support.THIRD_LORA and sent["25"]["inputs"]["role"] == "subject"
+    assert sent["26"]["inputs"]["lora_name"] == server_support.THIRD_LORA  # its reference branch follows
+    assert sent["27"]["inputs"]["text"] == "just the third LoRA"
+
+
+def test_more_added_loras_than_the_workflow_has_are_refused(server):
+    result = run_script(server, "plora_three_loras.json", *FILES, "--added-lora", "a.safetensors",
+                        "--added-lora", "b.safetensors")
+    assert result.returncode == 1
+    assert "2 --added-lora given, but the workflow has 1 Add LoRA to Set node(s) (25)" in result.stderr, result.stderr

@@ -21,6 +21,7 @@ PLACEHOLDERS = {
     "sd_xl_base_1.0.safetensors": server_support.CHECKPOINT,
     "my_subject_lora.safetensors": server_support.SUBJECT_LORA,
     "my_style_lora.safetensors": server_support.STYLE_LORA,
+    "my_lighting_lora.safetensors": server_support.THIRD_LORA,
     "open_clip_vit_b_32.safetensors": server_support.CLIP_FILE,
     "ViT-B-32": "PLoRA-Tiny-ViT",
     "dino-vits16": server_support.DINO_FOLDER,
@@ -75,18 +76,21 @@ def test_every_shipped_workflow_is_consistent_with_the_server(name, object_info)
     assert (WORKFLOWS / name).with_suffix(".jpg").is_file(), "each workflow ships the template browser's thumbnail"
 
 
-@pytest.mark.parametrize("name", ["plora_sdxl.json", "plora_comparison.json"])
+@pytest.mark.parametrize("name", ["plora_sdxl.json", "plora_comparison.json", "plora_three_loras.json"])
 def test_shipped_workflow_runs_to_an_image(name, server, object_info):
     prompt = small_api_prompt(shipped(name), object_info)
     history = server.run_prompt(prompt)
     assert history["status"]["status_str"] == "success", history["status"]
     images = [image for output in history["outputs"].values() for image in output.get("images", [])]
     assert images, history["outputs"]
-    if name == "plora_sdxl.json":  # the selection map preview of the gate's decisions
-        selection = [n for n, o in history["outputs"].items()
-                     if n in {k for k, v in small_api_prompt(shipped(name), object_info).items()
-                              if v["class_type"] == "PreviewImage"} and o.get("images")]
-        assert len(selection) == 3, "subject reference, style reference and selection map previews"
+    if name in ("plora_sdxl.json", "plora_three_loras.json"):  # the selection map preview of the gate's decisions
+        previews = [n for n, o in history["outputs"].items()
+                    if prompt.get(n, {}).get("class_type") == "PreviewImage" and o.get("images")]
+        references = 3 if name == "plora_three_loras.json" else 2
+        assert len(previews) == references + 1, "a preview per reference and the selection map"
+    if name == "plora_three_loras.json":  # the third LoRA is in the set and its reference in the guidance
+        kinds = [n["class_type"] for n in prompt.values()]
+        assert kinds.count("AddLoRAToSet") == 1 and kinds.count("PLoRAReference") == 1
     if name == "plora_comparison.json":
         saved = [o for o in history["outputs"].values() if o.get("images") and o["images"][0]["type"] == "output"]
         assert len(saved) == 1 and len(saved[0]["images"]) == 1, "the six methods as one labelled grid"

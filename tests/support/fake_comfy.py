@@ -46,10 +46,20 @@ def _sampler_inputs():
             "denoise": _float(1.0)}
 
 
-def object_info(patcher_method=True):
-    """The nodes evaluate.py uses, with ComfyUI's and the pack's input names and types."""
+def object_info(patcher_method=True, lora_sets=True):
+    """The nodes evaluate.py uses, with ComfyUI's and the pack's input names and types.
+
+    lora_sets=False: a pack from before N-LoRA sets (no AddLoRAToSet, PLoRAReference, more_references)."""
     patcher_optional = {"method": [PATCHER_METHODS, {"default": "p-lora"}]} if patcher_method else None
-    return {
+    roles = [["subject", "style"], {"default": "subject"}]
+    sets = {
+        "AddLoRAToSet": _node({"lora_set": ["PLORA_PAIR"], "lora": [LORAS], "role": roles, "strength": _float(1.0),
+                               "bias": _float(1.0)}, ["PLORA_PAIR", "CLIP"], optional={"clip": ["CLIP"]}),
+        "PLoRAReference": _node({"image": ["IMAGE"], "role": roles, "weight": _float(1.0)}, ["PLORA_REFERENCES"],
+                                optional={"references": ["PLORA_REFERENCES"]}),
+    } if lora_sets else {}
+    more = {"more_references": ["PLORA_REFERENCES"]} if lora_sets else {}
+    return {**sets,
         "CheckpointLoaderSimple": _node({"ckpt_name": [[CKPT, "other.safetensors"]]}, ["MODEL", "CLIP", "VAE"]),
         "EmptyLatentImage": _node({"width": _int(512), "height": _int(512), "batch_size": _int(1)}, ["LATENT"]),
         "CLIPTextEncode": _node({"text": ["STRING", {"multiline": True}], "clip": ["CLIP"]}, ["CONDITIONING"]),
@@ -73,7 +83,7 @@ def object_info(patcher_method=True):
              "gradient_mode": [["fast", "exact"], {"default": "fast"}], "guidance_start": _float(0.0),
              "guidance_end": _float(1.0), "guide_every": _int(1)},
             ["LATENT", "STRING"], optional={"dino_encoder": ["PLORA_ENCODER"], "guidance_decoder": ["VAE"],
-                                            "guidance_decode_size": _int(0)}),
+                                            "guidance_decode_size": _int(0), **more}),
         "LoadPLoRACLIPEncoder": _node({"checkpoint": [[CLIP_FILE]], "architecture": [["ViT-B-32", "ViT-L-14"]],
                                        "precision": [["auto", "fp32"]]}, ["PLORA_ENCODER"]),
         "LoadPLoRADINOEncoder": _node({"model_folder": [[DINO]], "precision": [["auto", "fp32"]]}, ["PLORA_ENCODER"]),

@@ -24,6 +24,7 @@ PACK_FOLDER = "plora"
 CHECKPOINT = "tiny_sd15.safetensors"
 SUBJECT_LORA = "tiny_subject_dog.safetensors"
 STYLE_LORA = "tiny_style_watercolour.safetensors"
+THIRD_LORA = "tiny_subject_cat.safetensors"  # a third LoRA (kohya), for sets of N LoRAs
 CLIP_FILE = "tiny_clip.safetensors"
 DINO_FOLDER = "tiny_dino"
 # A checkpoint ComfyUI's loader detects as SD1.5: full channel/context widths, reduced depth.
@@ -70,7 +71,8 @@ def write_checkpoint(path: Path) -> None:
 
 
 def write_loras(folder: Path) -> None:
-    """A kohya subject LoRA (with kohya metadata) and a peft style LoRA for the checkpoint's attention layers."""
+    """A kohya subject LoRA (with kohya metadata), a peft style LoRA and a third (kohya) LoRA for the checkpoint's
+    attention layers."""
     import comfy.supported_models
     import comfy.utils
 
@@ -80,8 +82,8 @@ def write_loras(folder: Path) -> None:
     names = {f"diffusion_model.{ldm[:-len('.weight')]}": d[:-len(".weight")]
              for d, ldm in comfy.utils.unet_to_diffusers(unet.model_config.unet_config).items()
              if d.endswith(".weight")}
-    generator = torch.Generator().manual_seed(5)
-    subject, style = {}, {}
+    generator, third_generator = torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)
+    subject, style, third = {}, {}, {}
     for path in paths:
         out_dim, in_dim = comfy.utils.get_attr(unet, path).weight.shape
         key = "lora_unet_" + path[len("diffusion_model."):].replace(".", "_")
@@ -90,10 +92,13 @@ def write_loras(folder: Path) -> None:
         subject[f"{key}.alpha"] = torch.tensor(8.0)
         style[f"unet.{names[path]}.lora_A.weight"] = torch.randn(4, in_dim, generator=generator) * 0.05
         style[f"unet.{names[path]}.lora_B.weight"] = torch.randn(out_dim, 4, generator=generator) * 0.05
+        third[f"{key}.lora_down.weight"] = torch.randn(4, in_dim, generator=third_generator) * 0.05
+        third[f"{key}.lora_up.weight"] = torch.randn(out_dim, 4, generator=third_generator) * 0.05
     tags = json.dumps({"10_sks": {"sks dog": 30, "dog": 12, "grass": 2}})
     metadata = {"ss_base_model_version": "sd_v1", "ss_tag_frequency": tags}
     save_file(subject, str(folder / SUBJECT_LORA), metadata=metadata)
     save_file(style, str(folder / STYLE_LORA))
+    save_file(third, str(folder / THIRD_LORA), metadata={"ss_base_model_version": "sd_v1"})
 
 
 def write_encoders(models: Path) -> None:
