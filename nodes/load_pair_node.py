@@ -42,7 +42,7 @@ class LoadSubjectStyleLoRA:
     def load(self, subject_lora, subject_strength, style_lora, style_strength, clip=None):
         pair = LoraSet.pair(LoraChoice(read_lora(subject_lora), float(subject_strength)),
                             LoraChoice(read_lora(style_lora), float(style_strength)))
-        if same_file(pair.subject.file, pair.style.file):
+        if same_file(pair.subject.file, pair.style.file) and pair.subject.strength and pair.style.strength:
             raise ValueError(f"The subject and the style LoRA are the same file ({pair.subject.name}): P-LoRA fuses two "
                              "different LoRAs. Pick your subject's LoRA as subject_lora and a style LoRA as style_lora.")
         check_has_diffusion_part(pair.subject, "subject")
