@@ -203,8 +203,9 @@ class DeltaStack:
     computed as one [N, ..., out] tensor from two GEMMs: x @ [A_1; ...; A_N]^T for all
     down-projections at once, then a batched up-projection (ranks padded with zero rows to the
     largest: the padding adds exact zeros). The stacked factors are cast and laid out once per
-    device and dtype. `factors_for_kernels` gives the fused gate the down-projection and the
-    up-projections instead, so the deltas are formed inside its kernels and never written.
+    device and dtype. `kernel_factors` gives the fused gate the stacked down- and up-projections
+    instead (`factors_for_kernels` the down-projection's output and the up-projections), so the
+    deltas are formed inside its kernels and never written.
     Otherwise each delta is applied on its own; `stacked=True` then stacks them (one copy).
     """
 
@@ -240,6 +241,12 @@ class DeltaStack:
         with zeros to a power of two >= `min_rank` (what the fused kernels' matrix products take)."""
         down, up_t = self._factors(x.device, x.dtype, min_rank)
         return F.linear(x, down), up_t
+
+    def kernel_factors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down [N * R, in], up^T [N, R, out]) for plain deltas, contiguous in `dtype` on `device`, R the largest
+        rank padded with zeros (rows of down, rows of up^T) to a power of two >= 16; cached. What
+        `fused_gate.gate_from_input` takes: the whole delta, the down projection included, in its kernels."""
+        return self._factors(device, dtype, 16)
 
     def _factors(self, device: torch.device, dtype: torch.dtype, min_rank: int):
         """(down [N R, in], up^T [N, R, out]) on the input's device and dtype, scales folded in; cached.

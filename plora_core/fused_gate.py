@@ -1,15 +1,21 @@
 """The gate of Eq. 11-13 as two Triton kernels, for accelerators (the eager `divergence` is the reference).
 
 F is a layer's output [B, ..., C] (channels last, read as rows [B * T, C]); D_k is LoRA k's delta
-on it. Two forms of the deltas:
+on it. Three forms of the deltas:
 
-- `gate_factored(base, hidden, up_t, ...)`: a plain low-rank LoRA, D_k = hidden_k @ up_t[k], where
-  the caller ran one GEMM hidden = x @ down_stacked^T. D is computed inside the kernels (tl.dot,
-  float32 accumulation, rounded to the model's dtype as a bmm in that dtype gives it) and never
-  written to memory: per gated layer three kernels (the caller's GEMM and two launches here).
+- `gate_from_input(base, x, down, up_t, ...)`: a plain low-rank LoRA from the layer's input x,
+  D_k = (x @ down_k^T) @ up_t[k]. The parts kernel computes the hidden rows x @ down^T of its row
+  block (a loop over the input features, tl.dot, float32 accumulation, rounded to the model's
+  dtype as F.linear's output in it), uses them and writes them [B * T, N * RP] for the add kernel:
+  per gated layer two kernels in all.
+- `gate_factored(base, hidden, up_t, ...)`: the same with hidden = x @ down_stacked^T given (one
+  GEMM by the caller: three kernels per gated layer). In both D is computed inside the kernels
+  (tl.dot, float32 accumulation, rounded to the model's dtype as a bmm in that dtype gives it)
+  and never written to memory.
 - `gate(base, deltas, ...)`: deltas materialised [N, B, ..., C] (LoHa, dense, conv...), read.
 
-Both run the same two kernels (`fused_gate_kernels`, the constexpr FACTORED switching the form):
+All run the same two kernels (`fused_gate_kernels`, the constexprs FACTORED and PROJECT switching
+the form):
 
 1. `parts_kernel`, grid (B, cdiv(T, ROW_BLOCK)): per token and delta the float32 sums over the
    channels that `divergence` computes (KL through the centred v = D - E_q[D] with the exponent
@@ -24,7 +30,7 @@ Both run the same two kernels (`fused_gate_kernels`, the constexpr FACTORED swit
    the programs of a sample's first block also write choice[b] and divergences[:, b].
 
 No host sync, no torch op but `torch.empty`. Bytes per output element (fp16, two rank-64 deltas
-at 640 channels, the GEMM included): about 9, against 18.9 with a bmm writing the deltas.
+at 640 channels, the down projection included): about 9, against 18.9 with a bmm writing the deltas.
 Triton is imported lazily; without it (or off an accelerator) `fused_available` is False and the
 eager path runs. Set `FORCE = True` (or PLORA_FUSED_GATE=force) with TRITON_INTERPRET=1 to run the
 kernels on the CPU (tests). Every launch goes through `launch`, so a benchmark can count launches,
@@ -48,6 +54,7 @@ MAX_DELTAS = 8  # deltas per launch (unrolled in the kernels; one weight argumen
 ROW_BLOCK = 16  # rows per program (a power of two >= 16: tl.dot's smallest M)
 CHANNEL_BLOCK = 256  # channels per block (a power of two >= 16); wider rows are looped over
 FACTOR_TILE_BYTES = 32768  # an up_t tile [RP, channel block] at most this big (tl.dot stages it in shared memory)
+INPUT_BLOCK = 64  # input features per step of the down projection's loop (gate_from_input; a power of two >= 16)
 PARTIALS_BLOCK = 1024  # partial sums a program of the add kernel loads at once
 FLOAT32_EXP_LIMIT = 60.0  # as divergence.FLOAT32_EXP_LIMIT
 INDEX_LIMIT = 2 ** 31  # elements of one operand: offsets k * delta_stride stay in int32
@@ -120,16 +127,36 @@ def supports(base: torch.Tensor, deltas: torch.Tensor, channel_dim: int, criteri
             and deltas.shape[0] * max(deltas.stride(0), 1) < INDEX_LIMIT)
 
 
+def _up_ok(base: torch.Tensor, up_t: torch.Tensor) -> bool:
+    """up_t [N, RP, C] contiguous in F's dtype, 1 <= N <= MAX_DELTAS, RP a power of two >= 16, C F's channels."""
+    if not (up_t.ndim == 3 and up_t.is_contiguous() and up_t.dtype == base.dtype and up_t.numel() < INDEX_LIMIT):
+        return False
+    count, rank, channels = up_t.shape
+    return 1 <= count <= MAX_DELTAS and rank >= 16 and rank & (rank - 1) == 0 and channels == base.shape[-1]
+
+
 def supports_factored(base: torch.Tensor, hidden: torch.Tensor, up_t: torch.Tensor, criterion: str) -> bool:
     """Whether `gate_factored` takes this call: F [B, ..., C] and hidden [B, ..., N * RP] row-flattenable,
     up_t [N, RP, C] contiguous, RP a power of two >= 16, one dtype, a known criterion."""
-    if not (_base_ok(base, criterion) and up_t.ndim == 3 and up_t.is_contiguous()
-            and hidden.dtype == base.dtype and up_t.dtype == base.dtype):
+    if not (_base_ok(base, criterion) and _up_ok(base, up_t) and hidden.dtype == base.dtype):
         return False
-    count, rank, channels = up_t.shape
-    return (1 <= count <= MAX_DELTAS and rank >= 16 and rank & (rank - 1) == 0 and channels == base.shape[-1]
-            and hidden.shape == (*base.shape[:-1], count * rank) and _row_stride(hidden) is not None
-            and up_t.numel() < INDEX_LIMIT and hidden.numel() < INDEX_LIMIT)
+    count, rank, _ = up_t.shape
+    return (hidden.shape == (*base.shape[:-1], count * rank) and _row_stride(hidden) is not None
+            and hidden.numel() < INDEX_LIMIT)
+
+
+def supports_from_input(base: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up_t: torch.Tensor,
+                        criterion: str) -> bool:
+    """Whether `gate_from_input` takes this call: F [B, ..., C] and the layer input x [B, ..., IN] (the same
+    token dims) row-flattenable, down [N * RP, IN] and up_t [N, RP, C] contiguous, RP a power of two >= 16,
+    one dtype, a known criterion."""
+    if not (_base_ok(base, criterion) and _up_ok(base, up_t) and x.dtype == base.dtype
+            and down.dtype == base.dtype and x.ndim == base.ndim and down.ndim == 2 and down.is_contiguous()):
+        return False
+    count, rank, _ = up_t.shape
+    return (down.shape[0] == count * rank and down.shape[1] == x.shape[-1] >= 1
+            and x.shape[:-1] == base.shape[:-1] and _row_stride(x) is not None and x.numel() < INDEX_LIMIT
+            and down.numel() < INDEX_LIMIT and base.numel() // base.shape[-1] * count * rank < INDEX_LIMIT)
 
 
 @dataclass(frozen=True)
@@ -147,6 +174,13 @@ class _Deltas:
     rank: int
     reads: tuple  # by the parts kernel
     chosen: tuple  # by the add kernel (one delta's share)
+    project: bool = False  # H computed (and written) by the parts kernel from X and A
+    x: torch.Tensor | None = None
+    a: torch.Tensor | None = None
+    sx: int = 0
+    inner: int = 0  # IN, the input features
+    block_k: int = 16
+    flops_per_row: float = 0.0  # the down projection's, in the parts kernel
 
 
 def _materialised(base: torch.Tensor, deltas: torch.Tensor) -> _Deltas:
@@ -158,6 +192,19 @@ def _factored(base: torch.Tensor, hidden: torch.Tensor, up_t: torch.Tensor) -> _
     count, rank, _ = up_t.shape
     return _Deltas(count, True, base, hidden, up_t, 0, 0, _row_stride(hidden), rank, (hidden, up_t),
                    (hidden[..., :rank], up_t[0]))
+
+
+def _from_input(base: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up_t: torch.Tensor) -> _Deltas:
+    """The factored form with H = x @ down^T computed by the parts kernel into a new contiguous buffer."""
+    count, rank, _ = up_t.shape
+    inner = down.shape[1]
+    width = count * rank
+    hidden = torch.empty((*base.shape[:-1], width), dtype=base.dtype, device=base.device)
+    element = 4 if _dot_in_float32(base) else base.element_size()
+    block_k = min(INPUT_BLOCK, max(16, FACTOR_TILE_BYTES // (rank * element)), max(16, _next_power_of_2(inner)))
+    return _Deltas(count, True, base, hidden, up_t, 0, 0, width, rank, (x, down, up_t),
+                   (hidden[..., :rank], up_t[0]), True, x, down, _row_stride(x), inner, block_k,
+                   2.0 * inner * width)
 
 
 def _weights(weights: Sequence[float], count: int) -> tuple[float, ...]:
@@ -204,12 +251,17 @@ def token_partials(base: torch.Tensor, deltas: _Deltas, criterion: str) -> torch
     channels, tokens, block_c, grid = _geometry(base, deltas)
     partials = torch.empty(deltas.count, *grid, dtype=torch.float64, device=base.device)
     flops = 2.0 * deltas.rank * base.numel() * deltas.count * PASSES[criterion] if deltas.factored else 0.0
-    launch("plora_parts", kernels.parts_kernel, grid, (base, *deltas.reads), (partials,),
-           base, deltas.d, deltas.h, deltas.u, partials, tokens, channels, _row_stride(base),
-           deltas.sdk, deltas.sdr, deltas.sh, flops=flops,
-           N=deltas.count, CRIT=CRITERIA[criterion], FACTORED=deltas.factored, RP=deltas.rank,
-           DOT_F32=_dot_in_float32(base), ROUND_BF16=_round_bf16(base), BLOCK_R=ROW_BLOCK, BLOCK_C=block_c,
-           EXP_LIMIT=FLOAT32_EXP_LIMIT)
+    if deltas.project:  # the down projection, once per row
+        flops += deltas.flops_per_row * (base.numel() // channels)
+        x, a, writes = deltas.x, deltas.a, (deltas.h, partials)
+    else:
+        x, a, writes = base, base, (partials,)
+    launch("plora_parts", kernels.parts_kernel, grid, (base, *deltas.reads), writes,
+           base, deltas.d, deltas.h, deltas.u, x, a, partials, tokens, channels, deltas.inner, _row_stride(base),
+           deltas.sdk, deltas.sdr, deltas.sh, deltas.sx, flops=flops,
+           N=deltas.count, CRIT=CRITERIA[criterion], FACTORED=deltas.factored, PROJECT=deltas.project,
+           RP=deltas.rank, DOT_F32=_dot_in_float32(base), ROUND_BF16=_round_bf16(base), BLOCK_R=ROW_BLOCK,
+           BLOCK_C=block_c, BLOCK_K=deltas.block_k, EXP_LIMIT=FLOAT32_EXP_LIMIT)
     return partials
 
 
@@ -259,3 +311,28 @@ def gate_factored(base: torch.Tensor, hidden: torch.Tensor, up_t: torch.Tensor, 
     `weights` N python floats. See `supports_factored`. Two launches.
     """
     return _run(base, _factored(base, hidden, up_t), criterion, weights)
+
+
+@torch.no_grad()
+def gate_from_input_and_hidden(base: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up_t: torch.Tensor,
+                               criterion: str = "kl", weights: Sequence[float] = (1.0, 1.0)):
+    """`gate_from_input`, and the hidden rows x @ down^T [B, ..., N * RP] the parts kernel wrote (contiguous,
+    in F's dtype): what `gate_factored` takes, e.g. for another slice of the same layer's output."""
+    deltas = _from_input(base, x, down, up_t)
+    return (*_run(base, deltas, criterion, weights), deltas.h)
+
+
+def gate_from_input(base: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up_t: torch.Tensor,
+                    criterion: str = "kl", weights: Sequence[float] = (1.0, 1.0)):
+    """Eq. 9-13 fused from the layer's input: D_k = (x @ down_k^T) @ up_t[k], with down_k = down[k RP:(k+1) RP]:
+    (F + D_choice contiguous [B, ..., C], choice int32 [B], divergences float32 [N, B]).
+
+    The down projection runs in the parts kernel (a loop over IN with tl.dot, float32 accumulation,
+    rounded to F's dtype as F.linear's output in it), which also writes it for the add kernel: two
+    launches for the whole gate, no GEMM before them. `base` F [B, ..., C] and `x` [B, ..., IN] (the
+    same token dims; fp16/bf16/fp32, rows flattenable with unit channel stride); `down` [N * RP, IN]
+    and `up_t` [N, RP, C] contiguous in F's dtype, RP a power of two >= 16 (ranks padded with zero
+    rows); `weights` N python floats. See `supports_from_input`.
+    """
+    out, choice, divergences, _ = gate_from_input_and_hidden(base, x, down, up_t, criterion, weights)
+    return out, choice, divergences

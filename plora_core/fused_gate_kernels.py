@@ -6,7 +6,9 @@ Shapes: F rows [R, C] (row stride `sf`, channel stride 1), R = B * T, sample b's
 - materialised: D [N, R, C] (delta stride `sdk`, row stride `sdr`, channel stride 1);
 - factored: H [R, N * RP] (row stride `sh`) and U [N, RP, C] contiguous; D_k = H[:, k RP:(k+1) RP] @ U[k],
   computed with tl.dot (float32 accumulation) and rounded to the model's dtype, as a bmm in that
-  dtype gives it. D is never written to memory.
+  dtype gives it. D is never written to memory. With PROJECT (parts kernel) H itself is computed
+  there from the layer input X [R, IN] (row stride `sx`) and the stacked down-projection A [N * RP, IN]
+  contiguous, H = X @ A^T rounded to the model's dtype, and written for the add kernel.
 
 PS, float64 [N, B, P] with P = cdiv(T, BLOCK_R): per delta and row block, the sum of the
 per-token values of the block's rows (each block inside one sample). Per-token sums are float32,
@@ -61,35 +63,67 @@ def _rounded(x, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
 
 
 @triton.jit
-def _delta(D, H, U, k, rows, cols, col_ok, C, sdk, sdr, sh,
+def _hidden(H, X, A, k, rows, row_ok, sh, sx, IN, FACTORED: tl.constexpr, PROJECT: tl.constexpr, RP: tl.constexpr,
+            DOT_F32: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """H_k on `rows` [BLOCK_R, RP] in the model's dtype (`k` a constexpr or a runtime index); a dummy unless FACTORED.
+
+    PROJECT: computed here as X_rows @ A_k^T (A_k = A[k RP:(k+1) RP], [RP, IN] row-major), a loop over IN in
+    BLOCK_K blocks with tl.dot, float32 accumulation (IEEE where DOT_F32), rounded to the model's dtype as the
+    output of F.linear in that dtype is; stored to H (rows in the sample only) for the add kernel. Otherwise
+    loaded from H."""
+    ranks = tl.arange(0, RP)
+    if FACTORED:
+        if PROJECT:
+            inner = tl.arange(0, BLOCK_K)
+            acc = tl.zeros([BLOCK_R, RP], dtype=tl.float32)
+            for i0 in range(0, IN, BLOCK_K):
+                i = i0 + inner
+                i_ok = i < IN
+                x = tl.load(X + rows[:, None] * sx + i[None, :], mask=i_ok[None, :], other=0.0)
+                a = tl.load(A + (k * RP + ranks)[None, :] * IN + i[:, None], mask=i_ok[:, None], other=0.0)
+                if DOT_F32:
+                    acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(x, a, acc)
+            h = _rounded(acc, H.dtype.element_ty, ROUND_BF16)
+            tl.store(H + rows[:, None] * sh + (k * RP + ranks)[None, :], h, mask=row_ok[:, None])
+        else:
+            h = tl.load(H + rows[:, None] * sh + (k * RP + ranks)[None, :])
+    else:
+        h = tl.zeros([BLOCK_R, RP], dtype=H.dtype.element_ty)
+    return h
+
+
+@triton.jit
+def _delta(D, h, U, k, rows, cols, col_ok, C, sdk, sdr,
            FACTORED: tl.constexpr, RP: tl.constexpr, DOT_F32: tl.constexpr, ROUND_BF16: tl.constexpr):
     """D_k on `rows` x `cols` in float32, 0 outside the channels (`k` a constexpr or a runtime index).
 
-    Factored: H_k @ U_k accumulated in float32 (IEEE products and sums where DOT_F32: fp32 models,
-    and bf16 under the interpreter, whose dot cannot read bf16), rounded to the model's dtype.
+    Factored: h (H_k on the rows, `_hidden`) @ U_k accumulated in float32 (IEEE products and sums where
+    DOT_F32: fp32 models, and bf16 under the interpreter, whose dot cannot read bf16), rounded to the
+    model's dtype.
     """
     if FACTORED:
         ranks = tl.arange(0, RP)
-        h = tl.load(H + rows[:, None] * sh + (k * RP + ranks)[None, :])
         u = tl.load(U + (k * RP + ranks)[:, None] * C + cols[None, :], mask=col_ok, other=0.0)
         if DOT_F32:
             acc = tl.dot(h.to(tl.float32), u.to(tl.float32), input_precision="ieee")
         else:
             acc = tl.dot(h, u)
-        d = _rounded(acc, H.dtype.element_ty, ROUND_BF16).to(tl.float32)
+        d = _rounded(acc, h.dtype, ROUND_BF16).to(tl.float32)
     else:
         d = tl.load(D + k * sdk + rows[:, None] * sdr + cols[None, :], mask=col_ok, other=0.0).to(tl.float32)
     return d
 
 
 @triton.jit
-def _block(F, D, H, U, k, rows, c0, cols0, C, sf, sdk, sdr, sh, F_PAD: tl.constexpr,
+def _block(F, D, h, U, k, rows, c0, cols0, C, sf, sdk, sdr, F_PAD: tl.constexpr,
            FACTORED: tl.constexpr, RP: tl.constexpr, DOT_F32: tl.constexpr, ROUND_BF16: tl.constexpr):
     """(channels in range [1, BLOCK_C], F, D_k) of one channel block of the rows, in float32; F padded with F_PAD."""
     cols = c0 + cols0
     ok = cols[None, :] < C
     f = tl.load(F + rows[:, None] * sf + cols[None, :], mask=ok, other=F_PAD).to(tl.float32)
-    d = _delta(D, H, U, k, rows, cols, ok, C, sdk, sdr, sh, FACTORED, RP, DOT_F32, ROUND_BF16)
+    d = _delta(D, h, U, k, rows, cols, ok, C, sdk, sdr, FACTORED, RP, DOT_F32, ROUND_BF16)
     return ok, f, d
 
 
@@ -121,16 +155,18 @@ def _token_value(x0, x1, x2, CRIT: tl.constexpr):
 
 
 @triton.jit
-def parts_kernel(F, D, H, U, PS, T, C, sf, sdk, sdr, sh, N: tl.constexpr, CRIT: tl.constexpr,
-                 FACTORED: tl.constexpr, RP: tl.constexpr, DOT_F32: tl.constexpr, ROUND_BF16: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, EXP_LIMIT: tl.constexpr):
+def parts_kernel(F, D, H, U, X, A, PS, T, C, IN, sf, sdk, sdr, sh, sx, N: tl.constexpr, CRIT: tl.constexpr,
+                 FACTORED: tl.constexpr, PROJECT: tl.constexpr, RP: tl.constexpr, DOT_F32: tl.constexpr,
+                 ROUND_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EXP_LIMIT: tl.constexpr):
     """Program (sample, block): per delta, the float64 sum of the per-token values of its BLOCK_R rows.
 
     Per token and delta, the float32 sums over the channels that `divergence` computes - KL:
     [r, a - r, b - r] of `_kl_tokens` (v = D - E_q[D] centred, with the exponent limit; a = E_q[expm1 v],
     b = E_q[v e^v], r = E_q[v]); JS: its value; cosine: [F.F, F.D, D.D]; dot: [F.D] - then the value
     in float64 (`_token_value`). The block is passed over a few times (softmax statistics of F, then
-    per delta its q-mean, then its sums), D recomputed on each pass in the factored form.
+    per delta its q-mean, then its sums), D recomputed on each pass in the factored form from the block's
+    H_k (loaded once per delta; with PROJECT computed here from X and A and stored to H, see `_hidden`).
     """
     sample = tl.program_id(0)
     block = tl.program_id(1)
@@ -152,12 +188,14 @@ def parts_kernel(F, D, H, U, PS, T, C, sf, sdk, sdr, sh, N: tl.constexpr, CRIT: 
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(f - m_new[:, None]), axis=1)
             m = m_new
     for k in tl.static_range(N):
+        h = _hidden(H, X, A, k, rows, row_ok, sh, sx, IN, FACTORED, PROJECT, RP, DOT_F32, ROUND_BF16, BLOCK_R,
+                    BLOCK_K)
         if CRIT <= 1:
             # the q-mean E_q[D] and max D: the centring and the exponent limit of `_kl_tokens`
             t = zero
             d_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
             for c0 in range(0, C, BLOCK_C):
-                ok, f, d = _block(F, D, H, U, k, rows, c0, cols0, C, sf, sdk, sdr, sh, float("-inf"),
+                ok, f, d = _block(F, D, h, U, k, rows, c0, cols0, C, sf, sdk, sdr, float("-inf"),
                                   FACTORED, RP, DOT_F32, ROUND_BF16)
                 t += tl.sum(tl.exp(f - m[:, None]) * d, axis=1)
                 d_max = tl.maximum(d_max, tl.max(tl.where(ok, d, float("-inf")), axis=1))
@@ -167,7 +205,7 @@ def parts_kernel(F, D, H, U, PS, T, C, sf, sdk, sdr, sh, N: tl.constexpr, CRIT: 
             a = zero
             b = zero
             for c0 in range(0, C, BLOCK_C):
-                ok, f, d = _block(F, D, H, U, k, rows, c0, cols0, C, sf, sdk, sdr, sh, float("-inf"),
+                ok, f, d = _block(F, D, h, U, k, rows, c0, cols0, C, sf, sdk, sdr, float("-inf"),
                                   FACTORED, RP, DOT_F32, ROUND_BF16)
                 e = tl.exp(f - m[:, None])
                 v = tl.where(ok, d - centre[:, None], 0.0)
@@ -181,7 +219,7 @@ def parts_kernel(F, D, H, U, PS, T, C, sf, sdk, sdr, sh, N: tl.constexpr, CRIT: 
                 a_js = (a + r) / s
                 js = zero
                 for c0 in range(0, C, BLOCK_C):
-                    ok, f, d = _block(F, D, H, U, k, rows, c0, cols0, C, sf, sdk, sdr, sh, float("-inf"),
+                    ok, f, d = _block(F, D, h, U, k, rows, c0, cols0, C, sf, sdk, sdr, float("-inf"),
                                       FACTORED, RP, DOT_F32, ROUND_BF16)
                     e = tl.exp(f - m[:, None])
                     v = tl.where(ok, d - centre[:, None], 0.0)
@@ -196,7 +234,7 @@ def parts_kernel(F, D, H, U, PS, T, C, sf, sdk, sdr, sh, N: tl.constexpr, CRIT: 
             fd = zero
             dd = zero
             for c0 in range(0, C, BLOCK_C):
-                ok, f, d = _block(F, D, H, U, k, rows, c0, cols0, C, sf, sdk, sdr, sh, 0.0, FACTORED, RP, DOT_F32,
+                ok, f, d = _block(F, D, h, U, k, rows, c0, cols0, C, sf, sdk, sdr, 0.0, FACTORED, RP, DOT_F32,
                                   ROUND_BF16)
                 fd += tl.sum(f * d, axis=1)
                 if CRIT == 2:
@@ -264,8 +302,9 @@ def add_kernel(F, D, H, U, PS, OUT, CHOICE, DIV, T, C, sf, sdk, sdr, sh, W0, W1,
     row_ok = tok < T
     rows = (sample * T + tl.minimum(tok, T - 1)).to(tl.int64)
     cols0 = tl.arange(0, BLOCK_C)
+    h = _hidden(H, H, H, choice, rows, row_ok, sh, 0, 0, FACTORED, False, RP, DOT_F32, ROUND_BF16, BLOCK_R, 16)
     for c0 in range(0, C, BLOCK_C):
-        ok, f, d = _block(F, D, H, U, choice, rows, c0, cols0, C, sf, sdk, sdr, sh, 0.0, FACTORED, RP, DOT_F32,
+        ok, f, d = _block(F, D, h, U, choice, rows, c0, cols0, C, sf, sdk, sdr, 0.0, FACTORED, RP, DOT_F32,
                           ROUND_BF16)
         rounded = _rounded(f + d, OUT.dtype.element_ty, ROUND_BF16)
         tl.store(OUT + rows[:, None] * C + (c0 + cols0)[None, :], rounded, mask=row_ok[:, None] & ok)

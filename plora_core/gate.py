@@ -193,20 +193,31 @@ class DivergenceRule:
         """The pair form: [B] bool mask, True where the subject's F + D_c is passed on."""
         return self.choose(layer, base, (subject_delta, style_delta), channel_dim) == 0
 
-    def fused(self, base, deltas, members, factors=None):
-        """(F + D_chosen, [B] int32 choice) through the Triton kernels of `fused_gate`, or None where they do
-        not apply. `deltas`: the stacked [N, ...] deltas, or None with `factors` = (hidden, up^T) to form them
-        inside the kernels."""
+    def fused(self, base, deltas, members, factors=None, x=None, hidden=None):
+        """(F + D_chosen, [B] int32 choice, hidden) through the Triton kernels of `fused_gate`, or None where
+        they do not apply. `deltas`: the stacked [N, ...] deltas (hidden None); or None with `factors` =
+        (down [N R, in], up^T [N, R, C]) of plain LoRAs and `x` the layer's input, to form the deltas inside
+        the kernels: the down projection there too (`gate_from_input`, two launches) where x's rows allow,
+        else by F.linear here (`gate_factored`). `hidden` (x @ down^T, as returned for an earlier slice of
+        the same output) skips the down projection; the hidden used is returned for the next slice."""
+        criterion = self.criterion
         weights = self.weights_of(members)
-        if factors is not None:
-            if not fused_gate.supports_factored(base, *factors, self.criterion):
+        if factors is None:
+            if not fused_gate.supports(base, deltas, -1, criterion):
                 return None
-            out, choice, _ = fused_gate.gate_factored(base, *factors, self.criterion, weights)
-        else:
-            if not fused_gate.supports(base, deltas, -1, self.criterion):
-                return None
-            out, choice, _ = fused_gate.gate(base, deltas, self.criterion, weights)
-        return out, choice
+            out, choice, _ = fused_gate.gate(base, deltas, criterion, weights)
+            return out, choice, None
+        down, up_t = factors
+        if hidden is None:
+            if fused_gate.supports_from_input(base, x, down, up_t, criterion):
+                out, choice, _, hidden = fused_gate.gate_from_input_and_hidden(base, x, down, up_t, criterion,
+                                                                               weights)
+                return out, choice, hidden
+            hidden = torch.nn.functional.linear(x, down)  # e.g. x's rows not flattenable: one GEMM first
+        if not fused_gate.supports_factored(base, hidden, up_t, criterion):
+            return None
+        out, choice, _ = fused_gate.gate_factored(base, hidden, up_t, criterion, weights)
+        return out, choice, hidden
 
 
 class LayerGate:
@@ -219,10 +230,11 @@ class LayerGate:
     The deltas are `subject, style` (the paper's pair) or `deltas=` (N of them); `members` are
     their positions in the LoRA set (default 0..N-1), recorded with each choice.
     All deltas come from one `DeltaStack` (one down-projection GEMM); on an accelerator with
-    Triton the rule's `fused` (kernels of `fused_gate`) forms the deltas, decides and adds in two
-    launches. A `static_input` layer (cross-attention k/v: its input is the text context) keeps its
-    output and decisions per distinct input of the run (`GateState.static_inputs`) and, while the
-    rule's decision does not depend on the step, reuses them at later steps (recording each step).
+    Triton the rule's `fused` (kernels of `fused_gate`) forms the deltas (for plain LoRAs the
+    down projection too), decides and adds in two launches. A `static_input` layer
+    (cross-attention k/v: its input is the text context) keeps its output and decisions per
+    distinct input of the run (`GateState.static_inputs`) and, while the rule's decision does not
+    depend on the step, reuses them at later steps (recording each step).
     """
 
     def __init__(self, layer: str, subject: LayerDelta | None = None, style: LayerDelta | None = None,
@@ -309,17 +321,25 @@ class LayerGate:
         return self._rule_fuses and fused_gate.fused_available(base)
 
     def _gated_fused(self, base, x):
-        """Eq. 9-13 in the kernels of `fused_gate`: the deltas formed there from x's down-projection where
-        they are plain low-rank (never written to memory), else from the stacked deltas."""
-        factors = self.deltas.factors_for_kernels(x) if self.deltas.plain else None
-        stacked = None if factors is not None else self.deltas(x, stacked=True)
+        """Eq. 9-13 in the kernels of `fused_gate`: where the deltas are plain low-rank, formed there from x and
+        the stacked factors, the down projection included (two launches; never written to memory); else read
+        from the stacked deltas. Slices of a fused layer: the first computes the hidden x @ down^T in its
+        kernels, the others reuse it (`gate_factored` on their columns of up^T)."""
+        plain = self.deltas.plain
+        if plain:
+            down, up_t = self.deltas.kernel_factors(x.device, x.dtype)
+        else:
+            stacked = self.deltas(x, stacked=True)
+        hidden = None
         records = []
         out = None
         for name, piece in self._slices():
             rows = base if piece is None else base.narrow(-1, piece.start, piece.length)
-            if factors is not None:
-                piece_factors = factors if piece is None else (factors[0], self._slice_up(factors[1], piece))
-                result = self.rule.fused(rows, None, self.members, piece_factors)
+            if plain:
+                up = up_t if piece is None else self._slice_up(up_t, piece)
+                result = self.rule.fused(rows, None, self.members, (down, up), x, hidden)
+                if result is not None:
+                    hidden = result[2]
             else:
                 result = self.rule.fused(rows, stacked if piece is None else
                                          stacked.narrow(-1, piece.start, piece.length), self.members)

@@ -1,11 +1,12 @@
 """The fused (Triton) gate against the eager reference and float64 definitions, run on the CPU by Triton's interpreter.
 
 `plora_core.fused_gate` is what an accelerator runs; here `FORCE` sends CPU tensors through the
-same kernels under TRITON_INTERPRET=1 (set before Triton is imported). Both forms of the deltas:
-factored (`gate_factored`: D_k = hidden_k @ up_t[k] computed in the kernels) and materialised
-(`gate`). Magnitudes as in test_divergence_accuracy.py (320-5120 channels, logit std 1-100, deltas
-1e-4..1e-1 of it), with few tokens (the interpreter is slow) and token counts that are not
-multiples of the row block. The eager reference gets the deltas materialised in the model's dtype.
+same kernels under TRITON_INTERPRET=1 (set before Triton is imported). Every form of the deltas:
+from the layer's input (`gate_from_input`: hidden = x @ down^T and D_k = hidden_k @ up_t[k] both
+computed in the kernels), factored (`gate_factored`: the hidden given) and materialised (`gate`).
+Magnitudes as in test_divergence_accuracy.py (320-5120 channels, logit std 1-100, deltas 1e-4..1e-1
+of it), with few tokens (the interpreter is slow) and token counts that are not multiples of the
+row block. The eager reference gets the deltas materialised in the model's dtype.
 """
 
 import math
@@ -28,7 +29,7 @@ from torch.utils._pytree import tree_flatten  # noqa: E402
 from plora_pack.plora_core import divergence, fused_gate  # noqa: E402
 from plora_pack.plora_core import gate as gate_module  # noqa: E402
 from plora_pack.plora_core.deltas import LayerDelta, LayerGeometry, LowRankPart  # noqa: E402
-from plora_pack.plora_core.gate import DivergenceRule, LayerGate  # noqa: E402
+from plora_pack.plora_core.gate import DivergenceRule, LayerGate, RowSlice  # noqa: E402
 from plora_pack.plora_core.recorder import GateState  # noqa: E402
 
 _TRITON_ALREADY_COMPILING = not fused_gate.interpreting()
@@ -275,6 +276,125 @@ def test_strided_slices_of_a_fused_layer_read_in_place(forced):
     assert torch.equal(choice_f, choice) and torch.allclose(divergences_f, divergences, rtol=1e-5)
 
 
+def make_from_input(batch, tokens, channels, in_features, dtype, ranks, logit_std=10.0, delta_rel=3e-2, seed=0):
+    """(F [B, T, C], x [B, T, IN], down [N RP, IN], up_t [N, RP, C]) in `dtype`, RP the largest rank padded
+    to a power of two >= 16, LoRA k of rank ranks[k] (zero rows of down and up_t past it, as
+    DeltaStack pads). x is small integers and down sparse +-1, so hidden = x @ down^T is integers of at
+    most a few tens: exact in every dtype whatever the order of the sums (torch's F.linear and the
+    kernels' tl.dot give one tensor); up_t small integers times a power of two, sized so that each
+    LoRA's delta is about logit_std * delta_rel, a little larger for the later LoRAs."""
+    generator = torch.Generator().manual_seed(seed)
+    count, rank = len(ranks), max(16, 1 << (max(ranks) - 1).bit_length())
+    base = torch.randn(batch, tokens, channels, generator=generator) * logit_std
+    x = (torch.randn(batch, tokens, in_features, generator=generator) * 1.5).round().clamp(-3, 3)
+    sign = torch.randint(0, 2, (count * rank, in_features), generator=generator) * 2.0 - 1.0
+    down = sign * (torch.rand(count * rank, in_features, generator=generator) < 0.15)
+    up_t = (torch.randn(count, rank, channels, generator=generator) * 20.0).round().clamp(-64, 64)
+    for k, r in enumerate(ranks):
+        down[k * rank + r:(k + 1) * rank] = 0.0
+        up_t[k, r:] = 0.0
+        up_t[k] *= 1.0 + 0.25 * k
+    spread = float((x.reshape(-1, in_features) @ down.T).std()) * 20.0 * math.sqrt(max(ranks))
+    up_t = up_t * 2.0 ** -round(math.log2(spread / (logit_std * delta_rel)))
+    return base.to(dtype), x.to(dtype), down.to(dtype), up_t.to(dtype)
+
+
+# (batch, tokens, channels, input features, dtype, ranks): IN > C and IN < C, IN not a multiple of the
+# K block (INPUT_BLOCK 64) and below one, ragged token counts, N = 2 and 3 in every dtype
+FROM_INPUT_CASES = [
+    (2, 37, 64, 200, "fp32", (16, 9)),        # 37 tokens: 3 row blocks; IN = 3 K blocks + 8
+    (2, 9, 48, 72, "fp32", (8, 8, 16)),
+    (2, 17, 80, 300, "fp16", (16, 16)),
+    (2, 19, 320, 96, "fp16", (32, 20, 8)),   # RP 32
+    (2, 21, 160, 40, "bf16", (16, 16)),      # IN under one K block
+    (3, 13, 96, 130, "bf16", (16, 4, 12)),
+]
+
+
+def from_input_id(case):
+    batch, tokens, channels, inner, dtype, ranks = case
+    return f"B{batch}-T{tokens}-C{channels}-IN{inner}-{dtype}-N{len(ranks)}"
+
+
+@pytest.mark.parametrize("case", FROM_INPUT_CASES, ids=from_input_id)
+def test_gate_from_input_equals_the_factored_gate_on_torchs_down_projection(case, forced):
+    """The down projection in the parts kernel gives F.linear's hidden in the model's dtype (checked where the
+    kernel writes it), and the whole result is gate_factored's on that hidden, bit for bit."""
+    batch, tokens, channels, inner, dtype, ranks = case
+    base, x, down, up_t = make_from_input(batch, tokens, channels, inner, DTYPES[dtype], ranks)
+    count = len(ranks)
+    hidden = torch.nn.functional.linear(x, down)
+    exact = x.double() @ down.double().T
+    assert torch.equal(hidden.double(), exact), "the premise: the hidden is exact in the dtype"
+    assert (hidden != 0).any(dim=-1).all() and hidden.abs().max() <= 256
+    first = (3.0,) + (0.5,) * (count - 1)  # the later LoRAs' deltas are larger: unweighted, they tend to win
+    chosen = set()
+    for criterion in CRITERIA:
+        assert fused_gate.supports_from_input(base, x, down, up_t, criterion)
+        for weights in ((1.0,) * count, first):
+            forced.clear()
+            out, choice, divergences, written = fused_gate.gate_from_input_and_hidden(base, x, down, up_t,
+                                                                                      criterion, weights)
+            assert forced == ["plora_parts", "plora_add"]
+            assert written.shape == hidden.shape and written.is_contiguous() and torch.equal(written, hidden)
+            want = fused_gate.gate_factored(base, hidden, up_t, criterion, weights)
+            assert torch.equal(choice, want[1]) and torch.equal(divergences, want[2]), (criterion, weights)
+            assert out.shape == base.shape and out.dtype == base.dtype and torch.equal(out, want[0]), criterion
+            assert torch.equal(out, chosen_output(base, hidden, up_t, choice))
+            assert not torch.equal(out, chosen_output(base, hidden, up_t, (choice + 1) % count))
+            again = fused_gate.gate_from_input(base, x, down, up_t, criterion, weights)
+            assert all(torch.equal(a, b) for a, b in zip(again, (out, choice, divergences)))
+            chosen.update(choice.tolist())
+    assert len(chosen) > 1, "more than one LoRA chosen: the add kernel reads the hidden at k = 0 and k > 0"
+
+
+def test_gate_from_input_block_sizes_agree(forced, monkeypatch):
+    """The K loop in blocks of 16 (IN 100: 7 blocks, the last ragged) and in one block of 128; rows in 32."""
+    base, x, down, up_t = make_from_input(2, 19, 96, 100, torch.float16, (16, 12))
+    results = []
+    for input_block, row_block in ((16, 16), (128, 16), (64, 32)):
+        monkeypatch.setattr(fused_gate, "INPUT_BLOCK", input_block)
+        monkeypatch.setattr(fused_gate, "ROW_BLOCK", row_block)
+        results.append(fused_gate.gate_from_input_and_hidden(base, x, down, up_t, "js"))
+    for out, choice, divergences, hidden in results:
+        assert torch.equal(hidden, torch.nn.functional.linear(x, down))
+        assert torch.equal(out, results[0][0]) and torch.equal(choice, results[0][1])
+        assert torch.allclose(divergences, results[0][2], rtol=1e-5, atol=0)
+
+
+def test_gate_from_input_on_a_slice_of_the_output(forced):
+    """F a slice of a fused layer's output (row stride > C) with its up_t columns; x the whole input."""
+    base, x, down, up_t = make_from_input(2, 10, 192, 80, torch.float32, (16, 16))
+    piece, up_piece = base.narrow(-1, 64, 96), up_t.narrow(-1, 64, 96).contiguous()
+    assert fused_gate.supports_from_input(piece, x, down, up_piece, "kl")
+    out, choice, divergences = fused_gate.gate_from_input(piece, x, down, up_piece, "kl")
+    want = fused_gate.gate_factored(piece.contiguous(), torch.nn.functional.linear(x, down), up_piece, "kl")
+    assert torch.equal(out, want[0]) and torch.equal(choice, want[1]) and torch.equal(divergences, want[2])
+
+
+def test_what_the_from_input_path_refuses():
+    half = dict(dtype=torch.float16)
+    base, x = torch.empty(2, 8, 320, **half), torch.empty(2, 8, 96, **half)
+    down, up_t = torch.empty(64, 96, **half), torch.empty(2, 32, 320, **half)
+    assert fused_gate.supports_from_input(base, x, down, up_t, "kl")
+    assert not fused_gate.supports_from_input(base, x, down, up_t, "l2")
+    assert not fused_gate.supports_from_input(base, x.float(), down, up_t, "kl")
+    assert not fused_gate.supports_from_input(base, x, down.float(), up_t, "kl")
+    assert not fused_gate.supports_from_input(base, x[:, :4], down, up_t, "kl")  # other token dims
+    assert not fused_gate.supports_from_input(base, x.reshape(16, 96), down, up_t, "kl")
+    assert not fused_gate.supports_from_input(base, x.transpose(0, 1).contiguous().transpose(0, 1), down, up_t,
+                                              "kl")  # rows not flattenable
+    assert not fused_gate.supports_from_input(base, x, torch.empty(64, 80, **half), up_t, "kl")  # IN
+    assert not fused_gate.supports_from_input(base, x, torch.empty(96, 64, **half).t(), up_t, "kl")  # strided
+    assert not fused_gate.supports_from_input(base, x, torch.empty(48, 96, **half), up_t, "kl")  # N RP
+    assert not fused_gate.supports_from_input(base, x, torch.empty(48, 96, **half),
+                                              torch.empty(2, 24, 320, **half), "kl")  # rank 24
+    assert fused_gate.supports_from_input(base, x.transpose(0, 1).contiguous().transpose(0, 1)[:1], down, up_t,
+                                          "kl") is False  # token dims differ
+    assert fused_gate.supports_from_input(base[:1], x.transpose(0, 1).contiguous().transpose(0, 1)[:1], down,
+                                          up_t, "kl")  # one sample: its rows flatten
+
+
 def test_launches_declare_their_bytes_and_flops(monkeypatch):
     """On meta (nothing runs): two launches, the parts kernel 2 RP per element, delta and pass over D."""
     calls = []
@@ -291,6 +411,18 @@ def test_launches_declare_their_bytes_and_flops(monkeypatch):
         assert calls[0][4] == 2 * 64 * base.numel() * 2 * passes and calls[1][4] == 2 * 64 * base.numel()
         assert calls[1][3] == (out, choice, divergences) and calls[0][3][0].shape == (2, 2, calls[0][1][1])
         assert out.shape == base.shape and choice.shape == (2,) and divergences.shape == (2, 2)
+    x, down = torch.empty(2, 100, 320, **meta), torch.empty(128, 320, **meta)
+    for criterion, passes in (("kl", 2), ("js", 3), ("cosine", 1), ("dot", 1)):
+        calls.clear()
+        out, choice, divergences, written = fused_gate.gate_from_input_and_hidden(base, x, down, up_t, criterion)
+        assert [c[0] for c in calls] == ["plora_parts", "plora_add"]
+        assert calls[0][1] == calls[1][1] == (2, math.ceil(100 / fused_gate.ROW_BLOCK))
+        assert calls[0][2] == (base, x, down, up_t) and calls[0][3][0] is written
+        assert written.shape == (2, 100, 128) and written.is_contiguous()
+        assert calls[0][4] == 2 * 64 * base.numel() * 2 * passes + 2 * 320 * 128 * 200
+        assert calls[1][4] == 2 * 64 * base.numel() and calls[1][2][-1] is calls[0][3][1]
+        assert calls[1][2][1].shape == (2, 100, 64) and calls[1][2][1].data_ptr() == written.data_ptr()
+        assert calls[1][3] == (out, choice, divergences)
     calls.clear()
     fused_gate.gate(base, torch.empty(2, 2, 100, 640, **meta), "kl")
     assert [c[4] for c in calls] == [0.0, 0.0]
@@ -315,6 +447,9 @@ def test_no_torch_op_but_allocations_and_views(monkeypatch):
     with recorder:
         fused_gate.gate_factored(base, hidden, up_t, "js", (1.0, 2.0, 0.5))
         fused_gate.gate(base, torch.empty(3, 2, 33, 320, **meta), "kl", (1.0, 2.0, 0.5))
+        fused_gate.gate_from_input(base, torch.empty(2, 33, 200, **meta), torch.empty(96, 200, **meta), up_t,
+                                   "cosine", (1.0, 2.0, 0.5))
+    assert "empty" in recorder.ops[-4:]  # the last call was recorded (its hidden, partials, outputs)
     assert recorder.ops and set(recorder.ops) <= {"empty", "slice", "select"}, recorder.ops
 
 
@@ -396,6 +531,66 @@ def test_layer_gate_over_three_loras_and_a_non_plain_delta_take_the_fused_paths(
             eager_out = eager_gate_layer.forward(layer.forward, x)
         assert torch.equal(fused_state.recorder.choices[(0, "blk.proj")], eager_state.recorder.choices[(0, "blk.proj")])
         assert torch.allclose(fused_out, eager_out, atol=1e-5)
+
+
+MATMULS = {"mm", "addmm", "bmm", "matmul", "linear"}
+
+
+def test_layer_gate_runs_no_down_projection_of_its_own(forced, monkeypatch):
+    """Plain LoRAs: the two launches are the whole gate (no torch GEMM: the down projection is in the parts
+    kernel). Where x's rows do not flatten, torch's F.linear and the factored kernels: the same decision."""
+    layer, state, gate, _ = _gated_layer("kl")
+    x = torch.randn(2, 21, 96) * 3
+    strided = x.transpose(0, 1).contiguous().transpose(0, 1)  # the same values, rows not flattenable
+    with torch.no_grad():
+        base = layer(x)
+        outputs, choices = [], []
+        for inputs, torch_gemm in ((x, False), (strided, True)):
+            forced.clear()
+            recorder = OpRecorder()
+            with recorder:
+                outputs.append(gate.forward(lambda _: base, inputs))
+            choices.append(state.recorder.choices[(0, gate.layer)])
+            assert forced == ["plora_parts", "plora_add"]
+            assert bool(MATMULS & set(recorder.ops)) == torch_gemm, recorder.ops
+        monkeypatch.setattr(fused_gate, "FORCE", False)
+        eager = gate.forward(lambda _: base, x)
+    assert torch.equal(choices[0], choices[1]) and torch.equal(state.recorder.choices[(0, gate.layer)], choices[0])
+    assert torch.allclose(outputs[0], eager, atol=1e-6) and torch.allclose(outputs[1], eager, atol=1e-6)
+
+
+def test_layer_gate_row_slices_project_once_and_reuse_the_hidden(forced, monkeypatch):
+    """Flux's fused qkv: each slice decides on its own; the first computes x @ down^T in its parts kernel,
+    the others read it (gate_factored on their up^T columns); the result is the eager one."""
+    torch.manual_seed(2)
+    layer = torch.nn.Linear(96, 320)
+    slices = (RowSlice("q", 0, 96), RowSlice("k", 96, 96), RowSlice("v", 192, 128))
+    deltas = [_linear_delta(320, 96, 8, 11, scale=2.0), _linear_delta(320, 96, 4, 12, scale=2.0)]
+    fused_state, eager_state = GateState(), GateState()
+    fused_layer = LayerGate("blk.qkv", state=fused_state, deltas=deltas, row_slices=slices)
+    eager_layer = LayerGate("blk.qkv", state=eager_state, deltas=deltas, row_slices=slices)
+    projected = []
+    counted = fused_gate.launch
+
+    def spy(name, kernel, grid, reads, writes, *args, flops=0.0, **meta):
+        if name == "plora_parts":
+            projected.append(meta["PROJECT"])
+        return counted(name, kernel, grid, reads, writes, *args, flops=flops, **meta)
+
+    monkeypatch.setattr(fused_gate, "launch", spy)
+    x = torch.randn(2, 19, 96) * 3
+    with torch.no_grad():
+        recorder = OpRecorder()
+        with recorder:
+            fused_out = fused_layer.forward(layer.forward, x)
+        assert forced == ["plora_parts", "plora_add"] * 3 and projected == [True, False, False]
+        assert MATMULS & set(recorder.ops) == {"addmm"}, "the layer's own Linear only"
+        monkeypatch.setattr(fused_gate, "FORCE", False)
+        eager_out = eager_layer.forward(layer.forward, x)
+    for piece in slices:
+        name = (0, f"blk.qkv[{piece.name}]")
+        assert torch.equal(fused_state.recorder.choices[name], eager_state.recorder.choices[name]), name
+    assert torch.allclose(fused_out, eager_out, atol=1e-5)
 
 
 def test_under_autograd_the_eager_path_runs(forced):
