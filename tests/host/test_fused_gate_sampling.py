@@ -38,8 +38,9 @@ def _run(pack, model, pair, criterion="kl", **kwargs):
 def test_fused_path_gives_the_eager_image(pair_and_model, pack, monkeypatch, criterion):
     """Every gated layer through the kernels: the same decisions at every (step, layer), so the same image.
 
-    The chosen output is F + D_chosen rounded once in either path (the same float32 add), so with equal
-    decisions the images are bit-identical; a decision would differ only at a tie within float32 rounding
+    The kernels form the deltas themselves (the down projection and x @ down^T @ up in their own
+    summation order), so F + D_chosen matches the eager path's to float32 rounding, not bit for bit:
+    with equal decisions the images agree to that; a decision would differ only at a tie within float32 rounding
     of the two divergences, which this seed's tiny model does not come near (checked: the eager and the
     fused divergences are each within 1e-4 relative of float64 in tests/core/test_fused_gate.py).
     """
@@ -63,10 +64,11 @@ def test_fused_path_gives_the_eager_image(pair_and_model, pack, monkeypatch, cri
     fused_image, fused_decisions = _run(pack, model, pair, criterion)
     context_fed = [p for p in attention if pack.glue.gate.fed_by_context(p)]
     computed = (len(attention) - len(context_fed)) * STEPS + len(context_fed)  # k/v: once per run (one context)
-    assert launches.count("plora_parts") == computed and len(launches) == 3 * computed
+    assert launches.count("plora_parts") == computed and len(launches) == 2 * computed
     assert fused_decisions.keys() == eager_decisions.keys() and len(fused_decisions) == len(attention) * STEPS
     assert all(torch.equal(fused_decisions[key], eager_decisions[key]) for key in eager_decisions)
-    assert torch.equal(fused_image, eager_image)
+    assert torch.allclose(fused_image, eager_image, rtol=1e-5, atol=1e-5 * float(eager_image.abs().max()))
+    assert not torch.equal(fused_image, _run(pack, model, pair, "dot")[0]), "the image depends on the decisions"
 
 
 def test_cached_context_layers_equal_per_step_recomputation_when_the_conditioning_changes(pair_and_model, pack,
@@ -78,14 +80,14 @@ def test_cached_context_layers_equal_per_step_recomputation_when_the_conditionin
     positive = [[first, {"start_percent": 0.0, "end_percent": 0.5}],  # what ConditioningSetTimestepRange sets
                 [second, {"start_percent": 0.5, "end_percent": 1.0}]]
     rule = pack.plora_core.gate.DivergenceRule
-    original = rule.__call__
+    original = rule.choose
     calls = []
 
-    def counting(self, layer, *args):
+    def counting(self, layer, *args, **kwargs):
         calls.append(layer)
-        return original(self, layer, *args)
+        return original(self, layer, *args, **kwargs)
 
-    monkeypatch.setattr(rule, "__call__", counting)
+    monkeypatch.setattr(rule, "choose", counting)
     cached_image, cached_decisions = _run(pack, model, pair, positive=positive)
     cached_calls = list(calls)
     calls.clear()

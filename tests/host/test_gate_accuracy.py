@@ -116,15 +116,15 @@ def test_every_decision_in_a_sampling_run_matches_float64(pack, tmp_path, monkey
 
     calls = []
     rule = pack.plora_core.gate.DivergenceRule
-    original = rule.__call__
+    original = rule.choose
 
-    def capture(self, layer, base, subject_delta, style_delta, channel_dim):
-        mask = original(self, layer, base, subject_delta, style_delta, channel_dim)
-        calls.append((base.detach().clone(), subject_delta.detach().clone(), style_delta.detach().clone(),
-                      channel_dim, mask.clone()))
-        return mask
+    def capture(self, layer, base, deltas, channel_dim, members=(0, 1)):
+        choice = original(self, layer, base, deltas, channel_dim, members)
+        calls.append((base.detach().clone(), deltas[0].detach().clone(), deltas[1].detach().clone(),
+                      channel_dim, choice == 0))
+        return choice
 
-    monkeypatch.setattr(rule, "__call__", capture)
+    monkeypatch.setattr(rule, "choose", capture)
     sample(patched, steps=3)
     # cross-attention k/v see the same context at every step: decided once, reused (and recorded) after
     fed = [p for p in paths if pack.glue.gate.fed_by_context(p)]

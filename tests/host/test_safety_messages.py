@@ -84,7 +84,7 @@ def test_an_image_index_past_the_batch_is_refused(pack, model_and_files):
     node = pack.nodes.PLoRASelectionMap()
     for index in (0, 1):
         (image,) = node.draw(patched, LATENT, index, "negative (uncond)", 4)
-        assert image.shape[2] == STEPS * 4
+        assert image.shape[2] >= STEPS * 4  # the map, and the legend under it (which may be wider)
     with pytest.raises(ValueError, match=r"image_index 2 is past the batch: the last run made 2 image\(s\), "
                                          r"so image_index goes from 0 to 1"):
         node.draw(patched, LATENT, 2, "positive (cond)", 4)
