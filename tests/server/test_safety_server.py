@@ -231,7 +231,7 @@ def test_every_numeric_input_of_every_node_refuses_nan_and_out_of_range(server, 
     inputs = list(numeric_inputs(object_info))
     assert len(inputs) >= 15
     workflows = [full_prompt, small_api_prompt(shipped("plora_comparison.json"), object_info),
-                 guided_model_prompt(full_prompt)]
+                 guided_model_prompt(full_prompt), small_api_prompt(shipped("plora_three_loras.json"), object_info)]
     homes = {}  # node type -> (prompt, node id) of a shipped workflow that uses it
     for prompt in reversed(workflows):
         homes.update({node["class_type"]: (prompt, node_id) for node_id, node in prompt.items()})
