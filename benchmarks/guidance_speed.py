@@ -57,7 +57,8 @@ def build_encoders(device, dtype):
 
     from plora_pack.plora_core.encoders import DinoImageEncoder, OpenClipImageEncoder
 
-    clip_model = open_clip.create_model("ViT-B-32").to(device, dtype).eval().requires_grad_(False)
+    # the image tower only, as load_open_clip_encoder gives it (the whole CLIP model returns a tuple)
+    clip_model = open_clip.create_model("ViT-B-32").visual.to(device, dtype).eval().requires_grad_(False)
     clip = OpenClipImageEncoder(clip_model, name="ViT-B-32", image_size=224, mean=open_clip.OPENAI_DATASET_MEAN,
                                 std=open_clip.OPENAI_DATASET_STD, device=device, dtype=dtype)
     dino_model = ViTModel(ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
