@@ -15,6 +15,7 @@ from .lora_pair import LoraChoice, LoraSet
 logger = logging.getLogger("plora")
 
 PAIR_TYPE = "PLORA_PAIR"
+STRENGTH = {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}  # a LoRA's strength widget, as LoraLoader's
 register_object_type(PAIR_TYPE, LoraSet, "Load Subject + Style LoRA (P-LoRA)")
 
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from ..glue import host
-from ..glue.lora_loading import PAIR_TYPE, apply_text_encoder_parts, check_has_diffusion_part, read_lora
+from ..glue.lora_loading import PAIR_TYPE, STRENGTH, apply_text_encoder_parts, check_has_diffusion_part, read_lora
 from ..glue.lora_pair import LoraChoice, LoraSet, same_file
-
-_STRENGTH = {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}
 
 
 class LoadSubjectStyleLoRA:
@@ -16,9 +14,9 @@ class LoadSubjectStyleLoRA:
         return {
             "required": {
                 "subject_lora": (files, {"tooltip": "The LoRA of your subject (a person, pet or object), from models/loras."}),
-                "subject_strength": ("FLOAT", {**_STRENGTH, "tooltip": "How strongly the subject LoRA applies (its alpha/rank scale times this). 0 leaves it out."}),
+                "subject_strength": ("FLOAT", {**STRENGTH, "tooltip": "How strongly the subject LoRA applies (its alpha/rank scale times this). 0 leaves it out."}),
                 "style_lora": (files, {"tooltip": "The LoRA of the style (a painting style, medium or look), from models/loras."}),
-                "style_strength": ("FLOAT", {**_STRENGTH, "tooltip": "How strongly the style LoRA applies. 0 leaves it out."}),
+                "style_strength": ("FLOAT", {**STRENGTH, "tooltip": "How strongly the style LoRA applies. 0 leaves it out."}),
             },
             "optional": {
                 "clip": ("CLIP", {"tooltip": "Connect the checkpoint's CLIP to also apply both LoRAs' text-encoder weights, as LoraLoader does."}),

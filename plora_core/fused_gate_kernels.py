@@ -249,23 +249,9 @@ def parts_kernel(F, D, H, U, X, A, PS, T, C, IN, sf, sdk, sdr, sh, sx, N: tl.con
 
 @triton.jit
 def _weight(k: tl.constexpr, W0, W1, W2, W3, W4, W5, W6, W7):
-    """w_k of Eq. 13's weighted choice (k a constexpr)."""
-    w = W0
-    if k == 1:
-        w = W1
-    if k == 2:
-        w = W2
-    if k == 3:
-        w = W3
-    if k == 4:
-        w = W4
-    if k == 5:
-        w = W5
-    if k == 6:
-        w = W6
-    if k == 7:
-        w = W7
-    return w
+    """w_k of Eq. 13's weighted choice (k a constexpr: the choice is made when the kernel is compiled)."""
+    return (W0 if k == 0 else W1 if k == 1 else W2 if k == 2 else W3 if k == 3
+            else W4 if k == 4 else W5 if k == 5 else W6 if k == 6 else W7)
 
 
 @triton.jit
