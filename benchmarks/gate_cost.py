@@ -264,7 +264,6 @@ def phases(log: CostLog):
     gate, deltas = import_core()
     fused = fused_module()
     wrapped = [(deltas.LayerDelta, "__call__", "deltas"), (getattr(deltas, "DeltaStack", None), "__call__", "deltas"),
-               (getattr(deltas, "DeltaStack", None), "factors_for_kernels", "deltas"),
                (gate.DivergenceRule, "__call__", "divergence"), (gate.DivergenceRule, "choose", "divergence"),
                (gate, "choose_subject", "choose+add"), (gate, "weighted_choice", "choose+add"),
                (gate, "add_chosen", "choose+add"),

@@ -15,14 +15,15 @@ import torch
 from ..plora_core.deltas import DensePart, LayerDelta, LayerGeometry, LayerMismatch, LowRankPart, normalise_factors
 from ..plora_core.gate import RowSlice
 from ..plora_core.lora_file import LoraFile
-from ..plora_core.lora_info import UNKNOWN, alternatives, families_compatible, lora_family
+from ..plora_core.fused_gate import MAX_DELTAS
+from ..plora_core.lora_info import families_compatible, families_overlap, lora_family
 from ..plora_core.recorder import STYLE, SUBJECT
 from . import host
 from .lora_mapping import MappedLora, ModulePatches
 
 
 ROLES = (SUBJECT, STYLE)
-MAX_LORAS = 8  # LoRAs one gate chooses among (the fused kernels take up to 8 deltas per layer)
+MAX_LORAS = MAX_DELTAS  # LoRAs one gate chooses among: as many as the fused kernels take per layer
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,7 @@ class LoraSet:
 
     def with_lora(self, choice: LoraChoice) -> "LoraSet":
         """This set with one more LoRA (refused with a message naming the file: a duplicate, an unknown role,
-        another family than the set's, or more than MAX_LORAS)."""
-        check_role(choice.role, choice.name)
+        another family than the set's, or more than MAX_LORAS; the role is checked by the new set)."""
         for member in self.loras:
             if same_file(member.file, choice.file):
                 raise ValueError(f"LoRA {choice.name} is already in the set (as its {member.role} LoRA): each LoRA "
@@ -97,7 +97,7 @@ class LoraSet:
         new_family = lora_family(choice.file.tensors, choice.file.metadata)
         for member in self.loras:
             family = lora_family(member.file.tensors, member.file.metadata)
-            if UNKNOWN not in (new_family, family) and not set(alternatives(new_family)) & set(alternatives(family)):
+            if not families_overlap(new_family, family):
                 raise ValueError(f"LoRA {choice.name} is a {new_family} LoRA but the set's {member.name} is a {family} "
                                  f"LoRA: all LoRAs of a set must be made for one model. Pick a {family} LoRA.")
         if len(self.loras) >= MAX_LORAS:
@@ -113,7 +113,7 @@ def check_role(role: str, name: str) -> None:
 
 
 def same_file(a: LoraFile, b: LoraFile) -> bool:
-    """The same file read twice (same path, modification time and size), or the same object."""
+    """The same file (the same path, whatever its version), or the same object."""
     return a is b or (bool(a.version) and a.version[:1] == b.version[:1])
 
 

@@ -51,12 +51,14 @@ def weighted_choice(divergences, weights) -> torch.Tensor:
     With two LoRAs and w = (1, style_bias): 0 (the subject) exactly where d_c >= style_bias * d_s.
     """
     best = divergences[0] * weights[0] if weights[0] != 1.0 else divergences[0]
-    index = torch.zeros(best.shape, dtype=torch.int64, device=best.device)
-    for k in range(1, len(divergences)):
+    index = None
+    last = len(divergences) - 1
+    for k in range(1, last + 1):
         weighted = divergences[k] * weights[k]
         better = weighted > best
-        index = torch.where(better, k, index)
-        best = torch.where(better, weighted, best)
+        index = better.long() if index is None else torch.where(better, k, index)
+        if k < last:
+            best = torch.where(better, weighted, best)
     return index
 
 
@@ -75,8 +77,7 @@ def choose_subject(d_subject: torch.Tensor, d_style: torch.Tensor, style_bias: f
 
 def select_features(subject_out: torch.Tensor, style_out: torch.Tensor, subject_mask: torch.Tensor) -> torch.Tensor:
     """F^{i+1} per sample: F_hat_c where the mask is True, else F_hat_s (Eq. 13)."""
-    mask = subject_mask.reshape(-1, *([1] * (subject_out.ndim - 1)))
-    return torch.where(mask, subject_out, style_out)
+    return select_chosen((subject_out, style_out), pair_choice(subject_mask))
 
 
 def gate_deltas(base: torch.Tensor, subject_delta: torch.Tensor, style_delta: torch.Tensor, criterion: str = "kl",
@@ -94,13 +95,12 @@ def gate_deltas(base: torch.Tensor, subject_delta: torch.Tensor, style_delta: to
 def add_selected(base: torch.Tensor, subject_delta: torch.Tensor, style_delta: torch.Tensor,
                  subject_mask: torch.Tensor) -> torch.Tensor:
     """F + D_c for samples where the mask is True, else F + D_s (Eq. 13), in one pass over F."""
-    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (base, subject_delta, style_delta))
-    if differentiable or not base.is_cpu:  # torch.where: autograd, and no host sync on accelerators
-        return select_features(subject_delta, style_delta, subject_mask).add_(base)
-    out = torch.empty(base.shape, dtype=torch.result_type(base, subject_delta), device=base.device)
-    for sample, take_subject in enumerate(subject_mask.tolist()):
-        torch.add(base[sample], (subject_delta if take_subject else style_delta)[sample], out=out[sample])
-    return out
+    return add_chosen(base, (subject_delta, style_delta), pair_choice(subject_mask))
+
+
+def pair_choice(subject_mask: torch.Tensor) -> torch.Tensor:
+    """The pair's subject mask as LoRA indices: 0 (subject) where True, 1 (style) elsewhere."""
+    return (~subject_mask.bool()).long()
 
 
 def select_chosen(outputs, choice: torch.Tensor) -> torch.Tensor:
@@ -118,8 +118,8 @@ def add_chosen(base: torch.Tensor, deltas, choice: torch.Tensor) -> torch.Tensor
     On the CPU one add per sample (the choice is on the host anyway); elsewhere, and under
     autograd, a select on the device (no host sync)."""
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (base, *deltas))
-    if differentiable or not base.is_cpu:
-        return select_chosen(deltas, choice).add(base) if differentiable else select_chosen(deltas, choice).add_(base)
+    if differentiable or not base.is_cpu:  # torch.where: autograd, and no host sync on accelerators
+        return select_chosen(deltas, choice).add_(base)
     out = torch.empty(base.shape, dtype=torch.result_type(base, deltas[0]), device=base.device)
     for sample, k in enumerate(choice.tolist()):
         torch.add(base[sample], deltas[k][sample], out=out[sample])

@@ -19,7 +19,8 @@ ELLIPSIS = "..."
 MIN_GLYPH_WIDTH = 0.25  # pixels: only zero-width marks are narrower; a strip shows at most 4 x its width in characters
 
 
-def _font(height: int):
+def label_font(height: int):
+    """Pillow's default font at `height` pixels where it scales (FreeType), else its bitmap font."""
     try:
         return ImageFont.load_default(size=height)  # scalable when Pillow has FreeType (Pillow >= 10.1)
     except TypeError:
@@ -30,7 +31,7 @@ def label_strip(text: str, width: int, height: int, channels: int) -> torch.Tens
     """[height, width, channels] white strip with `text` centred (cut with '...' when too long)."""
     strip = Image.new("RGB", (width, height), LABEL_BACKGROUND)
     draw = ImageDraw.Draw(strip)
-    font = _font(max(8, int(height * 0.6)))
+    font = label_font(max(8, int(height * 0.6)))
     shown = fitted_text(text, lambda s: draw.textlength(s, font=font), width - 4)
     box = draw.textbbox((0, 0), shown, font=font)
     position = ((width - (box[2] - box[0])) / 2 - box[0], (height - (box[3] - box[1])) / 2 - box[1])

@@ -323,6 +323,12 @@ def checkpoint_family(tensors: dict) -> str:
     return UNKNOWN
 
 
+def families_overlap(first: str, second: str) -> bool:
+    """Whether two LoRAs can be for one model: False only when both families are known and share no
+    alternative ('SD1.5 or SDXL' and 'SDXL' overlap)."""
+    return UNKNOWN in (first, second) or bool(set(alternatives(first)) & set(alternatives(second)))
+
+
 def families_compatible(lora: str, model: str) -> bool:
     """False only when both are known and the model's family is none of the LoRA's ('Flux or Chroma'
     is compatible with either). The frontend's `compatible()` in web/js/plora.js is the same rule."""

@@ -111,15 +111,8 @@ class SelectionRecorder:
         """Gated layers in the order the model ran them."""
         return list(self.layer_order)
 
-    def loras(self) -> int:
-        """How many LoRAs the set has (at least the pair)."""
-        return max(len(self.roles), 2)
-
     def choice(self, step: int, layer: str, sample: int) -> str:
         """SUBJECT, STYLE or BOTH for one (step, layer, sample) (the role of the LoRA passed on)."""
-        index = float(self.choices[(step, layer)][sample])
-        if index == BOTH_INDEX:
-            return BOTH
         value = float(self.decisions[(step, layer)][sample])
         return BOTH if value == BOTH_VALUE else SUBJECT if value else STYLE
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from .image_grid import fitted_text, label_font
 from .recorder import BOTH_INDEX, SelectionRecorder
 
 SUBJECT_COLOUR = (0.96, 0.58, 0.16)
@@ -25,6 +26,7 @@ UNSEEN_COLOUR = (0.16, 0.16, 0.16)
 LORA_COLOURS = (SUBJECT_COLOUR, STYLE_COLOUR, (0.20, 0.72, 0.36), (0.89, 0.22, 0.25), (0.95, 0.85, 0.20),
                 (0.30, 0.80, 0.85), (0.93, 0.45, 0.75), (0.60, 0.45, 0.30))
 LEGEND_ROW = 14  # pixels per legend line
+LEGEND_WIDTH = 320  # pixels of text at most beside a swatch (longer file names are cut with '...')
 
 
 def recorded_images(recorder: SelectionRecorder, kind: int | None = None) -> int | None:
@@ -60,11 +62,15 @@ def _paint(grid: torch.Tensor, cell: int) -> torch.Tensor:
 
 
 def legend(names: tuple[str, ...], roles: tuple[str, ...], width: int) -> torch.Tensor:
-    """[1, H, W', 3] strip naming each LoRA's colour (`role: file`), W' >= width; then "all" and "none"."""
+    """[1, H, W', 3] strip naming each LoRA's colour (`role: file`), W' >= width; then "all" and "none".
+    Text wider than max(width, LEGEND_WIDTH) is cut (`image_grid.fitted_text`), so a long name cannot
+    make the image wide."""
     lines = [(lora_colour(i), f"{roles[i] if i < len(roles) else 'lora'}: {name}") for i, name in enumerate(names)]
     lines += [(BOTH_COLOUR, "all (merged)"), (UNSEEN_COLOUR, "none (not gated)")]
-    font = ImageFont.load_default()
+    font = label_font(11)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    room = max(width - 22, LEGEND_WIDTH)
+    lines = [(colour, fitted_text(text, lambda s: measure.textlength(s, font=font), room)) for colour, text in lines]
     text_width = max(int(measure.textlength(text, font=font)) for _, text in lines)
     canvas = Image.new("RGB", (max(width, text_width + 22), LEGEND_ROW * len(lines) + 4), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)

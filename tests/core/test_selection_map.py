@@ -46,3 +46,12 @@ def test_one_colour_per_lora_of_a_set_and_a_legend_naming_the_files():
     legend = image[0, 2:]
     swatches = {tuple(round(v, 2) for v in px.tolist()) for px in legend.reshape(-1, 3)}
     assert all(tuple(round(c, 2) for c in colour) in swatches for colour in LORA_COLOURS[:3])
+
+
+def test_a_very_long_file_name_is_cut_in_the_legend_not_widening_the_map():
+    from plora_pack.plora_core.selection_map import LEGEND_WIDTH
+
+    recorder = SelectionRecorder(names=("a" * 12_000 + ".safetensors", "ink.safetensors"))
+    recorder.record(0, "a", torch.tensor([0, 1]), members=(0, 1))
+    image = selection_map(recorder, cell=1)
+    assert image.shape[2] <= LEGEND_WIDTH + 22
