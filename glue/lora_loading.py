@@ -36,7 +36,7 @@ def read_lora(name: str) -> LoraFile:
                           should_stop=host.stop_if_interrupted)
 
 
-def check_has_diffusion_part(choice: LoraChoice, role: str) -> None:
+def check_has_diffusion_part(choice: LoraChoice, role: str, strength_input: str | None = None) -> None:
     """Refuse a LoRA that holds only text-encoder weights: P-LoRA fuses diffusion-model layers, so it
     would have nothing to fuse. Checked for both LoRAs before anything is applied."""
     if choice.strength == 0:
@@ -45,6 +45,7 @@ def check_has_diffusion_part(choice: LoraChoice, role: str) -> None:
         raise LoraFileError(
             f"The {role} LoRA {choice.name} holds only text-encoder weights (no diffusion-model layers), so "
             "P-LoRA has nothing of it to fuse. Apply it to the CLIP with ComfyUI's Load LoRA node instead, and "
-            f"pick a LoRA with diffusion-model weights as {role} LoRA here (or set {role}_strength to 0)."
+            f"pick a LoRA with diffusion-model weights as {role} LoRA here (or set {strength_input or role + '_strength'} "
+            "to 0)."
         )
 

@@ -40,7 +40,7 @@ class AddLoRAToSet:
     def add(self, lora_set: LoraSet, lora, role, strength, bias, clip=None):
         choice = LoraChoice(read_lora(lora), float(strength), role, float(bias))
         grown = lora_set.with_lora(choice)
-        check_has_diffusion_part(choice, role)
+        check_has_diffusion_part(choice, role, "strength")
         if clip is not None:
             clip = apply_text_encoder_parts(clip, (choice,))
         return (grown, clip)

@@ -246,3 +246,7 @@ def test_bad_sets_are_refused_up_front_naming_the_file(pack, tmp_path):
         add(pair, str(flux_file), "style", 1.0, 1.0)
     with pytest.raises(ValueError, match="two or more"):
         pack.glue.lora_pair.LoraSet(pair.loras[:1])
+    from test_safety_messages import write_text_encoder_only
+    te_only = write_text_encoder_only(tmp_path / "te_only.safetensors")
+    with pytest.raises(ValueError, match=r"te_only\.safetensors holds only text-encoder weights.*set strength to 0"):
+        add(pair, str(te_only), "style", 1.0, 1.0)
