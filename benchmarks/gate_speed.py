@@ -294,12 +294,18 @@ def main() -> None:
                 "allocator %s%s", args.latent, args.latent, 8 * args.latent, 8 * args.latent, args.rank,
                 gated_count[args.loras[0]], dtype, device, "keeps freed memory" if kept else "default",
                 ", denormals flushed" if args.flush_denormal else "")
+    from plora_pack.plora_core.fused_gate import fused_available
+
+    fused = fused_available(torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu"))
     for count in args.loras:
-        report(times, faults, count, gated_count[count] if len(args.loras) > 1 else None)
+        report(times, faults, count, gated_count[count] if len(args.loras) > 1 else None, fused)
 
 
-def report(times: dict, faults: dict, count: int, gated: int | None) -> None:
-    """One set size's lines (for a single size, without its heading: the output of the pair-only benchmark)."""
+def report(times: dict, faults: dict, count: int, gated: int | None, fused: bool = False) -> None:
+    """One set size's lines (for a single size, without its heading: the output of the pair-only benchmark).
+
+    With `fused` (the gate ran the fused kernels), "deltas only" is still the eager path's, so gate minus it
+    is not the decision's cost and is not printed."""
     if gated is not None:
         logger.info("%d LoRAs (%d gated layers):", count, gated)
     rows = {name: times[(name, n)] for name, n in times if n in (None, count)}
@@ -316,8 +322,10 @@ def report(times: dict, faults: dict, count: int, gated: int | None) -> None:
     if floor is not None and direct is not None:
         logger.info("ratio deltas-only/direct per step: %.3f (the deltas and the add, no decision: the floor "
                     "under any divergence code)", floor / direct)
-        if gate is not None:
+        if gate is not None and not fused:
             logger.info("the decision's share of a direct-merge step: %.3f", (gate - floor) / direct)
+        elif gate is not None:
+            logger.info("(deltas only runs the eager path; the gate ran the fused kernels: no decision share)")
 
 
 if __name__ == "__main__":
